@@ -1,0 +1,1 @@
+"""Shipment tracking service: subscriptions, ShipEngine dispatch, webhooks and history."""

@@ -1,0 +1,36 @@
+"""The application factory: wires the HTTP surface to its resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service.api import health, subscriptions
+from service.api.keys import ENGINE, SETTINGS
+from service.api.middleware import json_errors, request_context
+from service.db.engine import create_engine
+from service.settings import Settings
+from service.webhooks import receiver
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The API app; reads no environment and holds nothing at module level."""
+    app = web.Application(
+        middlewares=[request_context, json_errors],
+        client_max_size=settings.webhook_max_bytes,
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_database)
+    app.add_routes(health.routes)
+    app.add_routes(subscriptions.routes)
+    app.add_routes(receiver.routes)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    app[ENGINE] = engine
+    yield
+    await engine.dispose()

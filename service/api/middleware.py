@@ -1,0 +1,63 @@
+"""Request ids and the one place where every error becomes a JSON answer."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service.api.errors import ApiError, ErrorDetail, http_error_detail
+from service.db.errors import is_unavailable
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def request_id_of(request: web.Request) -> str:
+    return str(request.get(REQUEST_ID, ""))
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Take the caller's X-Request-ID (or make one), log with it, and echo it back."""
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else None
+    request[REQUEST_ID] = request_id or str(uuid.uuid4())
+    with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
+        response = await handler(request)
+    response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    return response
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure answered in ShipEngine's error shape; never an HTML page, never a trace."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(request, error.status, *error.details)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(request, error.status, http_error_detail(error.status, error.reason))
+    except Exception as error:
+        if is_unavailable(error):
+            log.warning("api.database_unavailable", path=request.path, error=str(error))
+            detail = ErrorDetail("system", "database_unavailable", "the database is unavailable")
+            return error_response(request, 503, detail)
+        log.exception("api.unhandled_error", path=request.path, method=request.method)
+        detail = ErrorDetail("system", "unspecified", "internal error")
+        return error_response(request, 500, detail)
+
+
+def error_response(request: web.Request, status: int, *details: ErrorDetail) -> web.Response:
+    body: dict[str, Any] = {
+        "request_id": request_id_of(request),
+        "errors": [detail.as_json() for detail in details],
+    }
+    return web.json_response(body, status=status)

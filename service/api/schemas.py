@@ -1,0 +1,159 @@
+"""Request and response bodies: validated and serialised by the same pydantic models."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy.engine import RowMapping
+
+from service.api.errors import BadRequest, ErrorDetail, ValidationFailed
+from service.db.subscriptions import Cursor, NewSubscription
+from service.domain.subscriptions import SubscriptionState
+
+METADATA_MAX_BYTES = 8 * 1024
+
+CarrierCode = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9]+(_[a-z0-9]+)*$")
+]
+# Printable ASCII, no spaces: what carriers' tracking numbers and ShipEngine's ids are made of.
+Identifier = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[!-~]+$")
+]
+Reference = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+
+
+class SubscriptionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    carrier_code: CarrierCode
+    tracking_number: Identifier
+    carrier_id: Identifier | None = None
+    reference: Reference | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes of JSON")
+        return value
+
+    def to_domain(self) -> NewSubscription:
+        return NewSubscription(
+            carrier_code=self.carrier_code,
+            tracking_number=self.tracking_number,
+            carrier_id=self.carrier_id,
+            reference=self.reference,
+            metadata=self.metadata,
+        )
+
+
+class SubscriptionOut(BaseModel):
+    id: uuid.UUID
+    carrier_code: str
+    tracking_number: str
+    carrier_id: str | None
+    reference: str | None
+    metadata: dict[str, Any] | None
+    state: SubscriptionState
+    status_code: str | None
+    status_description: str | None
+    estimated_delivery_date: datetime | None
+    actual_delivery_date: datetime | None
+    last_event_at: datetime | None
+    last_error: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class SubscriptionPage(BaseModel):
+    items: list[SubscriptionOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    occurred_at: datetime | None
+    carrier_occurred_at: str | None
+    status_code: str | None
+    description: str | None
+    event_code: str | None
+    carrier_status_code: str | None
+    carrier_detail_code: str | None
+    status_detail_code: str | None
+    city_locality: str | None
+    state_province: str | None
+    postal_code: str | None
+    country_code: str | None
+    company_name: str | None
+    signer: str | None
+    latitude: float | None
+    longitude: float | None
+    received_at: datetime
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: SubscriptionState | None = None
+    status_code: Annotated[str, StringConstraints(min_length=1, max_length=8)] | None = None
+    carrier_code: CarrierCode | None = None
+    tracking_number: Identifier | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = None
+
+
+def subscription_json(row: RowMapping) -> dict[str, Any]:
+    return SubscriptionOut.model_validate(dict(row)).model_dump(mode="json")
+
+
+def parse_body(model: type[BaseModel], payload: object) -> Any:
+    try:
+        return model.model_validate(payload)
+    except PydanticValidationError as error:
+        raise ValidationFailed(*(_detail(item) for item in error.errors())) from None
+
+
+def parse_query(model: type[BaseModel], query: dict[str, str]) -> Any:
+    try:
+        return model.model_validate(query)
+    except PydanticValidationError as error:
+        raise BadRequest(*(_detail(item) for item in error.errors())) from None
+
+
+def encode_cursor(row: RowMapping) -> str:
+    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, subscription_id = raw.split("|")
+        return Cursor(datetime.fromisoformat(created_at), uuid.UUID(subscription_id))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest.invalid("cursor is not one this service issued", "cursor") from None
+
+
+_CODES = {
+    "missing": "field_value_required",
+    "string_too_short": "invalid_string_length",
+    "string_too_long": "invalid_string_length",
+}
+
+
+def _detail(error: Any) -> ErrorDetail:
+    field_name = ".".join(str(part) for part in error["loc"]) or None
+    error_code = _CODES.get(error["type"], "invalid_field_value")
+    message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+    return ErrorDetail("validation", error_code, f"{field_name}: {message}", field_name)

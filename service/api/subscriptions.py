@@ -1,0 +1,94 @@
+"""/v1/subscriptions: subscribe, look up, list, read events, cancel."""
+
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from service.api.body import read_json
+from service.api.errors import NotFound
+from service.api.keys import ENGINE
+from service.api.schemas import (
+    EventList,
+    ListQuery,
+    SubscriptionIn,
+    decode_cursor,
+    encode_cursor,
+    parse_body,
+    parse_query,
+    subscription_json,
+)
+from service.db import subscriptions as queries
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/subscriptions")
+async def subscribe(request: web.Request) -> web.Response:
+    """202 with a new subscription; 200 with the live one when the package is tracked already."""
+    new = parse_body(SubscriptionIn, await read_json(request)).to_domain()
+    async with request.app[ENGINE].begin() as conn:
+        row, created = await queries.create_subscription(conn, new)
+    return web.json_response(subscription_json(row), status=202 if created else 200)
+
+
+@routes.get("/v1/subscriptions")
+async def list_subscriptions(request: web.Request) -> web.Response:
+    query: ListQuery = parse_query(ListQuery, dict(request.query))
+    after = decode_cursor(query.cursor) if query.cursor else None
+    where = queries.SubscriptionFilter(
+        state=query.state.value if query.state else None,
+        status_code=query.status_code,
+        carrier_code=query.carrier_code,
+        tracking_number=query.tracking_number,
+    )
+    async with request.app[ENGINE].connect() as conn:
+        rows = await queries.list_subscriptions(conn, where, query.limit + 1, after)
+    page, more = rows[: query.limit], len(rows) > query.limit
+    return web.json_response(
+        {
+            "items": [subscription_json(row) for row in page],
+            "next_cursor": encode_cursor(page[-1]) if more else None,
+        }
+    )
+
+
+@routes.get("/v1/subscriptions/{id}")
+async def get_subscription(request: web.Request) -> web.Response:
+    subscription_id = _subscription_id(request)
+    async with request.app[ENGINE].connect() as conn:
+        row = await queries.get_subscription(conn, subscription_id)
+    if row is None:
+        raise NotFound.resource("subscription")
+    return web.json_response(subscription_json(row))
+
+
+@routes.get("/v1/subscriptions/{id}/events")
+async def list_events(request: web.Request) -> web.Response:
+    subscription_id = _subscription_id(request)
+    async with request.app[ENGINE].connect() as conn:
+        if await queries.get_subscription(conn, subscription_id) is None:
+            raise NotFound.resource("subscription")
+        rows = await queries.list_events(conn, subscription_id)
+    events = EventList.model_validate({"items": [dict(row) for row in rows]})
+    return web.json_response(events.model_dump(mode="json"))
+
+
+@routes.delete("/v1/subscriptions/{id}")
+async def cancel_subscription(request: web.Request) -> web.Response:
+    """202: the stop is recorded; the dispatcher tells ShipEngine and then marks it stopped."""
+    subscription_id = _subscription_id(request)
+    async with request.app[ENGINE].begin() as conn:
+        row = await queries.request_stop(conn, subscription_id)
+    if row is None:
+        raise NotFound.resource("subscription")
+    return web.json_response(subscription_json(row), status=202)
+
+
+def _subscription_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        # Not an id this service could have issued, so there is no such subscription.
+        raise NotFound.resource("subscription") from None

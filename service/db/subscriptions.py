@@ -1,0 +1,161 @@
+"""Subscription queries. Each takes a connection and never commits: callers own transactions."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.db.tables import subscriptions, tracking_events
+from service.domain.subscriptions import SubscriptionState
+
+LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
+# The same predicate as SQL text: ON CONFLICT must name the partial index's predicate with
+# literals, because PostgreSQL cannot match a bound parameter once the plan is generic.
+LIVE_INDEX_PREDICATE = sa.text("state <> 'stopped'")
+
+# The columns a caller sees; the dispatch bookkeeping stays inside.
+PUBLIC_COLUMNS = tuple(
+    column
+    for column in subscriptions.c
+    if column.name not in ("attempts", "next_attempt_at", "claim_token")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NewSubscription:
+    carrier_code: str
+    tracking_number: str
+    carrier_id: str | None = None
+    reference: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SubscriptionFilter:
+    state: str | None = None
+    status_code: str | None = None
+    carrier_code: str | None = None
+    tracking_number: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """A position in the newest-first listing: the last row of the previous page."""
+
+    created_at: datetime
+    id: uuid.UUID
+
+
+async def create_subscription(
+    conn: AsyncConnection, new: NewSubscription
+) -> tuple[RowMapping, bool]:
+    """Insert the subscription with its start due now, or return the live one for its package.
+
+    Returns (row, created). The partial unique index on live packages makes this safe under
+    concurrent requests: the loser of a race inserts nothing and reads the winner's row.
+    """
+    insert = (
+        pg_insert(subscriptions)
+        .values(
+            carrier_code=new.carrier_code,
+            tracking_number=new.tracking_number,
+            carrier_id=new.carrier_id,
+            reference=new.reference,
+            metadata=new.metadata,
+            state=SubscriptionState.PENDING.value,
+            next_attempt_at=sa.func.now(),
+        )
+        .on_conflict_do_nothing(
+            index_elements=[subscriptions.c.tracking_number, subscriptions.c.carrier_code],
+            index_where=LIVE_INDEX_PREDICATE,
+        )
+        .returning(*PUBLIC_COLUMNS)
+    )
+    # The live row that blocked the insert can be stopped before we read it; then insert again.
+    for _ in range(3):
+        created = (await conn.execute(insert)).mappings().first()
+        if created is not None:
+            return created, True
+        existing = await find_live(conn, new.carrier_code, new.tracking_number)
+        if existing is not None:
+            return existing, False
+    raise RuntimeError("subscription kept changing under a concurrent stop")
+
+
+async def find_live(
+    conn: AsyncConnection, carrier_code: str, tracking_number: str
+) -> RowMapping | None:
+    query = sa.select(*PUBLIC_COLUMNS).where(
+        subscriptions.c.tracking_number == tracking_number,
+        subscriptions.c.carrier_code == carrier_code,
+        LIVE,
+    )
+    return (await conn.execute(query)).mappings().first()
+
+
+async def get_subscription(conn: AsyncConnection, subscription_id: uuid.UUID) -> RowMapping | None:
+    query = sa.select(*PUBLIC_COLUMNS).where(subscriptions.c.id == subscription_id)
+    return (await conn.execute(query)).mappings().first()
+
+
+async def list_subscriptions(
+    conn: AsyncConnection, where: SubscriptionFilter, limit: int, after: Cursor | None
+) -> list[RowMapping]:
+    """Newest first, by keyset: cost does not grow with how deep the page is."""
+    query = sa.select(*PUBLIC_COLUMNS)
+    for name, value in dataclasses.asdict(where).items():
+        if value is not None:
+            query = query.where(subscriptions.c[name] == value)
+    if after is not None:
+        query = query.where(
+            sa.tuple_(subscriptions.c.created_at, subscriptions.c.id)
+            < sa.tuple_(sa.literal(after.created_at), sa.literal(after.id))
+        )
+    query = query.order_by(subscriptions.c.created_at.desc(), subscriptions.c.id.desc())
+    return list((await conn.execute(query.limit(limit))).mappings())
+
+
+async def request_stop(conn: AsyncConnection, subscription_id: uuid.UUID) -> RowMapping | None:
+    """Mark a live subscription `stopping` with its stop call due; None if it does not exist.
+
+    A row whose start is in flight (claimed) keeps its claim: the dispatcher sees `stopping`
+    when it records the start's outcome and makes the stop due then, so calls for one
+    subscription never overlap. A stopped or stopping row is returned unchanged.
+    """
+    update = (
+        sa.update(subscriptions)
+        .where(
+            subscriptions.c.id == subscription_id,
+            subscriptions.c.state.not_in(
+                [SubscriptionState.STOPPING.value, SubscriptionState.STOPPED.value]
+            ),
+        )
+        .values(
+            state=SubscriptionState.STOPPING.value,
+            attempts=0,
+            next_attempt_at=sa.case(
+                (subscriptions.c.claim_token.is_(None), sa.func.now()),
+                else_=subscriptions.c.next_attempt_at,
+            ),
+            updated_at=sa.func.now(),
+        )
+        .returning(*PUBLIC_COLUMNS)
+    )
+    stopped = (await conn.execute(update)).mappings().first()
+    return stopped if stopped is not None else await get_subscription(conn, subscription_id)
+
+
+async def list_events(conn: AsyncConnection, subscription_id: uuid.UUID) -> list[RowMapping]:
+    query = (
+        sa.select(tracking_events)
+        .where(tracking_events.c.subscription_id == subscription_id)
+        .order_by(tracking_events.c.occurred_at.desc().nulls_last(), tracking_events.c.id.desc())
+    )
+    return list((await conn.execute(query)).mappings())

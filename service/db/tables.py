@@ -1,0 +1,150 @@
+"""The schema, as SQLAlchemy Core tables. Alembic's migrations must agree (`alembic check`)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from service.domain.subscriptions import SubscriptionState
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_STATES = ", ".join(f"'{state.value}'" for state in SubscriptionState)
+
+
+def _timestamp(name: str, *, nullable: bool = True) -> sa.Column[object]:
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
+
+
+def _created_at() -> sa.Column[object]:
+    return sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    )
+
+
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column(
+        "id", pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
+    sa.Column("carrier_code", sa.Text, nullable=False),
+    sa.Column("tracking_number", sa.Text, nullable=False),
+    sa.Column("carrier_id", sa.Text),
+    sa.Column("reference", sa.Text),
+    sa.Column("metadata", pg.JSONB(none_as_null=True)),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("status_code", sa.Text),
+    sa.Column("status_description", sa.Text),
+    _timestamp("estimated_delivery_date"),
+    _timestamp("actual_delivery_date"),
+    _timestamp("last_event_at"),
+    sa.Column("last_error", pg.JSONB(none_as_null=True)),
+    # Dispatch bookkeeping. `next_attempt_at` is when the row's pending ShipEngine call is due
+    # (NULL: nothing to send). A claim pushes it forward by the lease and stamps `claim_token`;
+    # only the holder of the token may record the outcome.
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    _timestamp("next_attempt_at"),
+    sa.Column("claim_token", pg.UUID(as_uuid=True)),
+    _created_at(),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint(f"state IN ({_STATES})", name="state"),
+    sa.CheckConstraint(
+        "(state IN ('pending', 'stopping')) = (next_attempt_at IS NOT NULL)", name="due_work"
+    ),
+)
+
+# One live subscription per package; stopped ones may repeat. Leading with the tracking
+# number also serves webhook matching, where the carrier code can be missing.
+sa.Index(
+    "uq_subscriptions_live_package",
+    subscriptions.c.tracking_number,
+    subscriptions.c.carrier_code,
+    unique=True,
+    postgresql_where=subscriptions.c.state != "stopped",
+)
+sa.Index("ix_subscriptions_newest", subscriptions.c.created_at.desc(), subscriptions.c.id.desc())
+# The dispatch queue: only rows with work are in it, so claims stay fast at any table size.
+sa.Index(
+    "ix_subscriptions_due",
+    subscriptions.c.next_attempt_at,
+    postgresql_where=subscriptions.c.next_attempt_at.is_not(None),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("headers", pg.JSONB, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("body_sha256", sa.LargeBinary, nullable=False),
+    sa.Column("resource_type", sa.Text),
+    sa.Column("carrier_code", sa.Text),
+    sa.Column("tracking_number", sa.Text),
+    sa.Column(
+        "subscription_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("subscriptions.id", ondelete="SET NULL"),
+    ),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.CheckConstraint("outcome IN ('filed', 'orphan')", name="outcome"),
+)
+sa.Index("ix_webhook_deliveries_tracking_number", webhook_deliveries.c.tracking_number)
+sa.Index("ix_webhook_deliveries_subscription_id", webhook_deliveries.c.subscription_id)
+
+tracking_events = sa.Table(
+    "tracking_events",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "subscription_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    # A digest of the event's identifying fields: the same event in a later delivery (every
+    # delivery repeats the whole history) collides here and is stored once.
+    sa.Column("event_key", sa.LargeBinary, nullable=False),
+    _timestamp("occurred_at"),
+    sa.Column("carrier_occurred_at", sa.Text),
+    sa.Column("status_code", sa.Text),
+    sa.Column("event_code", sa.Text),
+    sa.Column("description", sa.Text),
+    sa.Column("carrier_status_code", sa.Text),
+    sa.Column("carrier_detail_code", sa.Text),
+    sa.Column("status_detail_code", sa.Text),
+    sa.Column("city_locality", sa.Text),
+    sa.Column("state_province", sa.Text),
+    sa.Column("postal_code", sa.Text),
+    sa.Column("country_code", sa.Text),
+    sa.Column("company_name", sa.Text),
+    sa.Column("signer", sa.Text),
+    sa.Column("latitude", sa.Float),
+    sa.Column("longitude", sa.Float),
+    sa.Column(
+        "delivery_id", sa.BigInteger, sa.ForeignKey("webhook_deliveries.id", ondelete="SET NULL")
+    ),
+    sa.Column(
+        "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.UniqueConstraint("subscription_id", "event_key"),
+)
+sa.Index(
+    "ix_tracking_events_timeline",
+    tracking_events.c.subscription_id,
+    tracking_events.c.occurred_at.desc().nulls_last(),
+    tracking_events.c.id.desc(),
+)

@@ -1,0 +1,86 @@
+"""Building and running the dispatcher: alone (`python -m service dispatcher`) or in the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.api.keys import ENGINE, SETTINGS
+from service.db.engine import create_engine
+from service.dispatcher.worker import Dispatcher
+from service.domain.subscriptions import RetryPolicy
+from service.settings import Settings, mask_url
+from service.shipengine.client import ShipEngineClient
+
+log = structlog.get_logger(__name__)
+
+
+def shipengine_session(settings: Settings) -> aiohttp.ClientSession:
+    """One pooled keep-alive session for all of a process's ShipEngine calls."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.dispatch_concurrency),
+        timeout=aiohttp.ClientTimeout(total=settings.shipengine_timeout_s),
+    )
+
+
+def build_dispatcher(
+    settings: Settings, engine: AsyncEngine, session: aiohttp.ClientSession
+) -> Dispatcher:
+    client = ShipEngineClient(
+        session, base_url=settings.shipengine_base_url, api_key=settings.require_api_key()
+    )
+    return Dispatcher(
+        engine,
+        client.call,
+        database_url=settings.database_url,
+        concurrency=settings.dispatch_concurrency,
+        lease_s=settings.dispatch_lease_s,
+        poll_interval_s=settings.dispatch_poll_interval_s,
+        retry_policy=RetryPolicy(
+            base_s=settings.dispatch_retry_base_s, cap_s=settings.dispatch_retry_max_s
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Dispatcher]:
+    """A dispatcher running in the background; on exit it stops and finishes in-flight calls."""
+    async with shipengine_session(settings) as session:
+        dispatcher = build_dispatcher(settings, engine, session)
+        task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+        log.info("dispatcher.started", shipengine=settings.shipengine_base_url)
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.stop()
+            await task
+            log.info("dispatcher.stopped")
+
+
+async def in_app(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx that runs a dispatcher inside the API process (`make run`)."""
+    async with running(app[SETTINGS], app[ENGINE]):
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    """Run a dispatcher until SIGINT or SIGTERM."""
+    settings.require_api_key()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    log.info("dispatcher.database", url=mask_url(settings.database_url))
+    try:
+        async with running(settings, engine):
+            await stop.wait()
+    finally:
+        await engine.dispose()

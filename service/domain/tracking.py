@@ -1,0 +1,169 @@
+"""ShipEngine's `track` payload, parsed tolerantly.
+
+Real deliveries are looser than the spec: nulls where a string is promised, empty strings,
+missing "required" fields, extra fields, numbers for strings. Parsing never refuses a delivery
+for its shape; what cannot be read becomes None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+_EVENT_TEXT_FIELDS = (
+    "carrier_occurred_at",
+    "status_code",
+    "event_code",
+    "description",
+    "carrier_status_code",
+    "carrier_detail_code",
+    "status_detail_code",
+    "city_locality",
+    "state_province",
+    "postal_code",
+    "country_code",
+    "company_name",
+    "signer",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackEvent:
+    occurred_at: datetime | None
+    carrier_occurred_at: str | None
+    status_code: str | None
+    event_code: str | None
+    description: str | None
+    carrier_status_code: str | None
+    carrier_detail_code: str | None
+    status_detail_code: str | None
+    city_locality: str | None
+    state_province: str | None
+    postal_code: str | None
+    country_code: str | None
+    company_name: str | None
+    signer: str | None
+    latitude: float | None
+    longitude: float | None
+
+    @property
+    def key(self) -> bytes:
+        """Identity of the event across deliveries, which each repeat the whole history."""
+        parts = [
+            self.occurred_at.isoformat() if self.occurred_at else "",
+            self.carrier_occurred_at or "",
+            self.status_code or "",
+            self.event_code or "",
+            self.description or "",
+            self.city_locality or "",
+            self.state_province or "",
+            self.postal_code or "",
+            self.country_code or "",
+        ]
+        return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+    def as_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row["event_key"] = self.key
+        return row
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingUpdate:
+    """One `track` delivery: the package's current state and its whole history."""
+
+    resource_type: str | None
+    tracking_number: str | None
+    carrier_code: str | None
+    status_code: str | None
+    status_description: str | None
+    estimated_delivery_date: datetime | None
+    actual_delivery_date: datetime | None
+    events: tuple[TrackEvent, ...]
+
+    @property
+    def newest_event_at(self) -> datetime | None:
+        times = [event.occurred_at for event in self.events if event.occurred_at]
+        return max(times, default=None)
+
+
+def parse_track_payload(payload: object) -> TrackingUpdate:
+    body = payload if isinstance(payload, dict) else {}
+    data = body.get("data")
+    data = data if isinstance(data, dict) else {}
+    query = _resource_query(body.get("resource_url"))
+    raw_events = data.get("events")
+    events = tuple(
+        _parse_event(event)
+        for event in (raw_events if isinstance(raw_events, list) else [])
+        if isinstance(event, dict)
+    )
+    return TrackingUpdate(
+        resource_type=text(body.get("resource_type")),
+        tracking_number=text(data.get("tracking_number")) or query.get("tracking_number"),
+        carrier_code=text(data.get("carrier_code")) or query.get("carrier_code"),
+        status_code=text(data.get("status_code")),
+        status_description=text(data.get("status_description")),
+        estimated_delivery_date=timestamp(data.get("estimated_delivery_date")),
+        actual_delivery_date=timestamp(data.get("actual_delivery_date")),
+        events=events,
+    )
+
+
+def _parse_event(raw: dict[str, Any]) -> TrackEvent:
+    texts = {name: text(raw.get(name)) for name in _EVENT_TEXT_FIELDS}
+    return TrackEvent(
+        occurred_at=timestamp(raw.get("occurred_at")),
+        latitude=number(raw.get("latitude")),
+        longitude=number(raw.get("longitude")),
+        **texts,
+    )
+
+
+def _resource_query(resource_url: object) -> dict[str, str]:
+    url = text(resource_url)
+    if url is None:
+        return {}
+    values = parse_qs(urlsplit(url).query)
+    return {name: found[0].strip() for name, found in values.items() if found and found[0].strip()}
+
+
+def text(value: object) -> str | None:
+    """A non-empty string, or None; numbers become their text."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip() or None
+    return None
+
+
+def number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def timestamp(value: object) -> datetime | None:
+    """An ISO 8601 time as an aware UTC datetime; ShipEngine's are UTC when they lack a zone."""
+    raw = text(value)
+    if raw is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)

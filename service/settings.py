@@ -1,0 +1,163 @@
+"""Settings: read once, at start, from environment variables; frozen afterwards.
+
+Every setting is documented here and in the README. Names carry their unit (`_s`, `_bytes`).
+A missing or malformed value raises `SettingsError` naming the variable, which the entry
+point prints as one line before exiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+SHIPENGINE_PRODUCTION_URL = "https://api.shipengine.com"
+
+T = TypeVar("T")
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str
+    """DATABASE_URL: `postgresql://user:pass@host:port/db` of the service's database."""
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on every interface
+    """HOST: address the HTTP API listens on."""
+    port: int = 8080
+    """PORT: port the HTTP API listens on."""
+    shipengine_api_key: str | None = None
+    """SHIPENGINE_API_KEY: ShipEngine API key; the dispatcher needs it, the API does not."""
+    shipengine_base_url: str = SHIPENGINE_PRODUCTION_URL
+    """SHIPENGINE_BASE_URL: ShipEngine's base URL (the simulator's, locally)."""
+    shipengine_jwks_url: str = ""
+    """SHIPENGINE_JWKS_URL: where ShipEngine's webhook signing keys are; `<base>/jwks`."""
+    shipengine_timeout_s: float = 10.0
+    """SHIPENGINE_TIMEOUT_S: total time allowed for one ShipEngine call."""
+    log_level: str = "INFO"
+    """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    database_pool_size: int = 10
+    """DATABASE_POOL_SIZE: connections each process keeps to PostgreSQL."""
+    dispatch_concurrency: int = 32
+    """DISPATCH_CONCURRENCY: ShipEngine calls one dispatcher keeps in flight at most."""
+    dispatch_lease_s: float = 60.0
+    """DISPATCH_LEASE_S: how long a claim lasts; a dead dispatcher's claims expire after it."""
+    dispatch_poll_interval_s: float = 5.0
+    """DISPATCH_POLL_INTERVAL_S: longest sleep between looks for due work (NOTIFY wakes sooner)."""
+    dispatch_retry_base_s: float = 5.0
+    """DISPATCH_RETRY_BASE_S: first retry delay; doubles each attempt, with full jitter."""
+    dispatch_retry_max_s: float = 600.0
+    """DISPATCH_RETRY_MAX_S: the cap of the retry delay."""
+    webhook_max_bytes: int = 1024 * 1024
+    """WEBHOOK_MAX_BYTES: largest webhook body accepted; larger ones get 413."""
+
+    def __post_init__(self) -> None:
+        if not self.shipengine_jwks_url:
+            jwks = self.shipengine_base_url.rstrip("/") + "/jwks"
+            object.__setattr__(self, "shipengine_jwks_url", jwks)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        reader = _EnvReader(env)
+        return cls(
+            database_url=reader.required("DATABASE_URL", _postgres_url),
+            host=reader.optional("HOST", str, cls.host),
+            port=reader.optional("PORT", _port, cls.port),
+            shipengine_api_key=reader.optional("SHIPENGINE_API_KEY", str, None),
+            shipengine_base_url=reader.optional(
+                "SHIPENGINE_BASE_URL", _http_url, SHIPENGINE_PRODUCTION_URL
+            ),
+            shipengine_jwks_url=reader.optional("SHIPENGINE_JWKS_URL", _http_url, ""),
+            shipengine_timeout_s=reader.optional("SHIPENGINE_TIMEOUT_S", _positive_float, 10.0),
+            log_level=reader.optional("LOG_LEVEL", _log_level, "INFO"),
+            database_pool_size=reader.optional("DATABASE_POOL_SIZE", _positive_int, 10),
+            dispatch_concurrency=reader.optional("DISPATCH_CONCURRENCY", _positive_int, 32),
+            dispatch_lease_s=reader.optional("DISPATCH_LEASE_S", _positive_float, 60.0),
+            dispatch_poll_interval_s=reader.optional(
+                "DISPATCH_POLL_INTERVAL_S", _positive_float, 5.0
+            ),
+            dispatch_retry_base_s=reader.optional("DISPATCH_RETRY_BASE_S", _positive_float, 5.0),
+            dispatch_retry_max_s=reader.optional("DISPATCH_RETRY_MAX_S", _positive_float, 600.0),
+            webhook_max_bytes=reader.optional("WEBHOOK_MAX_BYTES", _positive_int, 1024 * 1024),
+        )
+
+    def require_api_key(self) -> str:
+        if not self.shipengine_api_key:
+            raise SettingsError("SHIPENGINE_API_KEY: required to call ShipEngine, but not set")
+        return self.shipengine_api_key
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def required(self, name: str, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name, "").strip()
+        if not raw:
+            raise SettingsError(f"{name}: required, but not set")
+        return self._parse(name, raw, parse)
+
+    def optional(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._env.get(name, "").strip()
+        return self._parse(name, raw, parse) if raw else default
+
+    @staticmethod
+    def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
+        try:
+            return parse(raw)
+        except ValueError as error:
+            raise SettingsError(f"{name}: {error}") from None
+
+
+def _postgres_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL")
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"must be a port number, got {raw!r}")
+    return port
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {raw!r}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"must be a positive number, got {raw!r}")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

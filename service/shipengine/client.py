@@ -1,0 +1,104 @@
+"""ShipEngine's tracking endpoints over one pooled aiohttp session.
+
+Every answer, including the ones ShipEngine never documents (a proxy's HTML page, a reset
+connection, a timeout), becomes a `CallOutcome`; nothing here raises for an HTTP result.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from service.domain.subscriptions import CallOutcome, Operation, OutcomeKind
+
+# Our account's problem, not the package's: retried, never a reason to fail a subscription.
+ACCOUNT_STATUSES = frozenset({401, 403})
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+
+
+class ShipEngineClient:
+    def __init__(self, session: aiohttp.ClientSession, *, base_url: str, api_key: str) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"API-Key": api_key}
+
+    async def start_tracking(
+        self, carrier_code: str, tracking_number: str, carrier_id: str | None
+    ) -> CallOutcome:
+        return await self.call(Operation.START, carrier_code, tracking_number, carrier_id)
+
+    async def stop_tracking(
+        self, carrier_code: str, tracking_number: str, carrier_id: str | None
+    ) -> CallOutcome:
+        return await self.call(Operation.STOP, carrier_code, tracking_number, carrier_id)
+
+    async def call(
+        self,
+        operation: Operation,
+        carrier_code: str,
+        tracking_number: str,
+        carrier_id: str | None,
+    ) -> CallOutcome:
+        """POST /v1/tracking/{start|stop}; the parameters go URL-encoded in the query."""
+        params = {"carrier_code": carrier_code, "tracking_number": tracking_number}
+        if carrier_id:
+            params["carrier_id"] = carrier_id
+        url = f"{self._base_url}/v1/tracking/{operation.value}"
+        try:
+            async with self._session.post(url, params=params, headers=self._headers) as response:
+                body = await response.read()
+                return classify(response.status, body, response.headers.get("Retry-After"))
+        except TimeoutError:
+            return CallOutcome(OutcomeKind.TRANSIENT, message="timed out")
+        except aiohttp.ClientError as error:
+            return CallOutcome(OutcomeKind.TRANSIENT, message=f"{type(error).__name__}: {error}")
+
+
+def classify(status: int, body: bytes, retry_after: str | None) -> CallOutcome:
+    """What a ShipEngine answer means for the subscription."""
+    if 200 <= status < 300:
+        return CallOutcome(OutcomeKind.ACCEPTED, http_status=status)
+    document = _error_document(body)
+    retry_after_s = _retry_after_s(retry_after)
+    if document is None:
+        # No ShipEngine error body: a gateway or proxy answered, not ShipEngine. Try again.
+        return CallOutcome(
+            OutcomeKind.TRANSIENT,
+            http_status=status,
+            retry_after_s=retry_after_s,
+            message=f"HTTP {status} without ShipEngine's error body",
+        )
+    request_id, errors = document
+    permanent = 400 <= status < 500 and status not in ACCOUNT_STATUSES | RETRYABLE_STATUSES
+    return CallOutcome(
+        OutcomeKind.REJECTED if permanent else OutcomeKind.TRANSIENT,
+        http_status=status,
+        request_id=request_id,
+        errors=errors,
+        retry_after_s=retry_after_s,
+    )
+
+
+def _error_document(body: bytes) -> tuple[str | None, list[dict[str, Any]]] | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("errors"), list):
+        return None
+    request_id = document.get("request_id")
+    errors = [error for error in document["errors"] if isinstance(error, dict)]
+    return (request_id if isinstance(request_id, str) else None), errors
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After in seconds; ShipEngine sends seconds, an HTTP date is not worth guessing."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
