@@ -8,7 +8,7 @@ point prints as one line before exiting.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -62,27 +62,34 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        reader = _EnvReader(env)
+        read = EnvReader(env)
+        optional = read.optional
         return cls(
-            database_url=reader.required("DATABASE_URL", _postgres_url),
-            host=reader.optional("HOST", str, cls.host),
-            port=reader.optional("PORT", _port, cls.port),
-            shipengine_api_key=reader.optional("SHIPENGINE_API_KEY", str, None),
-            shipengine_base_url=reader.optional(
-                "SHIPENGINE_BASE_URL", _http_url, SHIPENGINE_PRODUCTION_URL
+            database_url=read.required("DATABASE_URL", postgres_url),
+            host=optional("HOST", text, cls.host),
+            port=optional("PORT", port_number, cls.port),
+            shipengine_api_key=optional("SHIPENGINE_API_KEY", text, None),
+            shipengine_base_url=optional("SHIPENGINE_BASE_URL", http_url, cls.shipengine_base_url),
+            shipengine_jwks_url=optional("SHIPENGINE_JWKS_URL", http_url, ""),
+            shipengine_timeout_s=optional(
+                "SHIPENGINE_TIMEOUT_S", positive_float, cls.shipengine_timeout_s
             ),
-            shipengine_jwks_url=reader.optional("SHIPENGINE_JWKS_URL", _http_url, ""),
-            shipengine_timeout_s=reader.optional("SHIPENGINE_TIMEOUT_S", _positive_float, 10.0),
-            log_level=reader.optional("LOG_LEVEL", _log_level, "INFO"),
-            database_pool_size=reader.optional("DATABASE_POOL_SIZE", _positive_int, 10),
-            dispatch_concurrency=reader.optional("DISPATCH_CONCURRENCY", _positive_int, 32),
-            dispatch_lease_s=reader.optional("DISPATCH_LEASE_S", _positive_float, 60.0),
-            dispatch_poll_interval_s=reader.optional(
-                "DISPATCH_POLL_INTERVAL_S", _positive_float, 5.0
+            log_level=optional("LOG_LEVEL", log_level, cls.log_level),
+            database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
+            dispatch_concurrency=optional(
+                "DISPATCH_CONCURRENCY", positive_int, cls.dispatch_concurrency
             ),
-            dispatch_retry_base_s=reader.optional("DISPATCH_RETRY_BASE_S", _positive_float, 5.0),
-            dispatch_retry_max_s=reader.optional("DISPATCH_RETRY_MAX_S", _positive_float, 600.0),
-            webhook_max_bytes=reader.optional("WEBHOOK_MAX_BYTES", _positive_int, 1024 * 1024),
+            dispatch_lease_s=optional("DISPATCH_LEASE_S", positive_float, cls.dispatch_lease_s),
+            dispatch_poll_interval_s=optional(
+                "DISPATCH_POLL_INTERVAL_S", positive_float, cls.dispatch_poll_interval_s
+            ),
+            dispatch_retry_base_s=optional(
+                "DISPATCH_RETRY_BASE_S", positive_float, cls.dispatch_retry_base_s
+            ),
+            dispatch_retry_max_s=optional(
+                "DISPATCH_RETRY_MAX_S", positive_float, cls.dispatch_retry_max_s
+            ),
+            webhook_max_bytes=optional("WEBHOOK_MAX_BYTES", positive_int, cls.webhook_max_bytes),
         )
 
     def require_api_key(self) -> str:
@@ -91,7 +98,9 @@ class Settings:
         return self.shipengine_api_key
 
 
-class _EnvReader:
+class EnvReader:
+    """Reads variables, turning a parser's ValueError into a SettingsError naming the variable."""
+
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
 
@@ -113,43 +122,72 @@ class _EnvReader:
             raise SettingsError(f"{name}: {error}") from None
 
 
-def _postgres_url(raw: str) -> str:
+def text(raw: str) -> str:
+    return raw
+
+
+def postgres_url(raw: str) -> str:
     if urlsplit(raw).scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL")
     return raw
 
 
-def _http_url(raw: str) -> str:
+def http_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
 
 
-def _port(raw: str) -> int:
-    port = int(raw)
-    if not 0 <= port <= 65535:
+def port_number(raw: str) -> int:
+    value = integer(raw)
+    if not 0 <= value <= 65535:
         raise ValueError(f"must be a port number, got {raw!r}")
-    return port
+    return value
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
+def positive_int(raw: str) -> int:
+    value = integer(raw)
     if value <= 0:
         raise ValueError(f"must be a positive integer, got {raw!r}")
     return value
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
+def integer(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"must be an integer, got {raw!r}") from None
+
+
+def positive_float(raw: str) -> float:
+    value = finite_float(raw)
     if value <= 0:
         raise ValueError(f"must be a positive number, got {raw!r}")
     return value
 
 
-def _log_level(raw: str) -> str:
+def non_negative_float(raw: str) -> float:
+    value = finite_float(raw)
+    if value < 0:
+        raise ValueError(f"must be zero or more, got {raw!r}")
+    return value
+
+
+def finite_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number, got {raw!r}") from None
+    # float() takes "nan" and "inf", which would make every timeout misbehave.
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {raw!r}")
+    return value
+
+
+def log_level(raw: str) -> str:
     level = raw.upper()
-    if level not in logging.getLevelNamesMapping():
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
     return level
 

@@ -1,0 +1,9 @@
+"""Typed keys of the simulator app's state (a module of their own, so handlers can import them)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.simulator.simulator import Simulator
+
+SIMULATOR: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)
