@@ -9,12 +9,15 @@ see each other's rows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -25,7 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.api.app import create_app
 from service.db.engine import asyncpg_dsn, create_engine
 from service.db.migrate import upgrade
+from service.dispatcher.runtime import build_dispatcher, shipengine_session
+from service.dispatcher.worker import Dispatcher
 from service.settings import Settings
+from service.simulator import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app
 
 
 def with_database(server_url: str, database: str) -> str:
@@ -101,3 +107,51 @@ async def api(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.A
     """The API over a real HTTP server on loopback, with its own database."""
     async with TestClient(TestServer(create_app(settings))) as client:
         yield client
+
+
+@dataclasses.dataclass
+class RunningSimulator:
+    url: str
+    simulator: Simulator
+
+
+@pytest.fixture
+async def shipengine() -> AsyncIterator[RunningSimulator]:
+    """The ShipEngine simulator on a real port, living packages' lives as fast as it can."""
+    server = TestServer(create_simulator_app(SimulatorConfig(pace_s=0, delivery_retry_s=0)))
+    await server.start_server()
+    simulator = server.app[SIMULATOR]
+    try:
+        yield RunningSimulator(str(server.make_url("")).rstrip("/"), simulator)
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+def live_settings(settings: Settings, shipengine: RunningSimulator) -> Settings:
+    """Settings whose ShipEngine is the simulator."""
+    return dataclasses.replace(
+        settings,
+        shipengine_base_url=shipengine.url,
+        shipengine_jwks_url=f"{shipengine.url}/jwks",
+    )
+
+
+@pytest.fixture
+async def shipengine_http(live_settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
+    async with shipengine_session(live_settings) as session:
+        yield session
+
+
+@pytest.fixture
+def make_dispatcher(
+    live_settings: Settings, engine: AsyncEngine, shipengine_http: aiohttp.ClientSession
+) -> Callable[..., Dispatcher]:
+    """Dispatchers on the test's database and the simulator; tests drive them with drain()."""
+
+    def make(**overrides: Any) -> Dispatcher:
+        return build_dispatcher(
+            dataclasses.replace(live_settings, **overrides), engine, shipengine_http
+        )
+
+    return make

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -38,8 +38,10 @@ class Claim:
     attempt: int
 
 
-async def claim_due(conn: AsyncConnection, *, limit: int, lease_s: float) -> list[Claim]:
-    """Claim up to `limit` due subscriptions, oldest due first.
+async def claim_due(
+    conn: AsyncConnection, *, limit: int, lease_s: float, due_by: datetime | None = None
+) -> list[Claim]:
+    """Claim up to `limit` subscriptions due by `due_by` (default: now), oldest due first.
 
     Safe with any number of dispatchers: SKIP LOCKED makes concurrent claimers pass over rows
     another transaction is claiming, and the claim moves `next_attempt_at` past now, so a
@@ -48,7 +50,7 @@ async def claim_due(conn: AsyncConnection, *, limit: int, lease_s: float) -> lis
     """
     due = (
         sa.select(subscriptions.c.id)
-        .where(subscriptions.c.next_attempt_at <= sa.func.now())
+        .where(subscriptions.c.next_attempt_at <= (due_by or sa.func.now()))
         .order_by(subscriptions.c.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -142,6 +144,11 @@ async def release(conn: AsyncConnection, claims: list[Claim]) -> None:
                 attempts=sa.func.greatest(subscriptions.c.attempts - 1, 0),
             )
         )
+
+
+async def database_now(conn: AsyncConnection) -> datetime:
+    now: datetime = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
+    return now
 
 
 async def next_due_in_s(conn: AsyncConnection) -> float | None:

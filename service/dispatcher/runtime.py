@@ -25,8 +25,7 @@ log = structlog.get_logger(__name__)
 def shipengine_session(settings: Settings) -> aiohttp.ClientSession:
     """One pooled keep-alive session for all of a process's ShipEngine calls."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.dispatch_concurrency),
-        timeout=aiohttp.ClientTimeout(total=settings.shipengine_timeout_s),
+        connector=aiohttp.TCPConnector(limit=settings.dispatch_concurrency)
     )
 
 
@@ -34,7 +33,10 @@ def build_dispatcher(
     settings: Settings, engine: AsyncEngine, session: aiohttp.ClientSession
 ) -> Dispatcher:
     client = ShipEngineClient(
-        session, base_url=settings.shipengine_base_url, api_key=settings.require_api_key()
+        session,
+        base_url=settings.shipengine_base_url,
+        api_key=settings.require_api_key(),
+        timeout_s=settings.shipengine_timeout_s,
     )
     return Dispatcher(
         engine,

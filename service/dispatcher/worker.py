@@ -12,6 +12,7 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import asyncpg
 import structlog
@@ -53,6 +54,7 @@ class Dispatcher:
         self._slot_free = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self.listening = asyncio.Event()  # set while NOTIFY can wake it (else it polls)
 
     async def run(self) -> None:
         """Dispatch until `stop()`; then let in-flight calls finish."""
@@ -75,6 +77,7 @@ class Dispatcher:
                     await self._wait(self._stopping, self._poll_interval_s)
         finally:
             if listener is not None:
+                self.listening.clear()
                 with contextlib.suppress(Exception):
                     await listener.close()
             await self._drain_in_flight()
@@ -85,21 +88,28 @@ class Dispatcher:
         self._slot_free.set()
 
     async def drain(self) -> int:
-        """Process all work due now, then return how many calls were made (tests, `--burst`)."""
+        """Make every call due now, then return how many were made (tests, one-off runs).
+
+        Retries that the calls schedule, however soon, are left for the next drain.
+        """
+        async with self._engine.connect() as conn:
+            started_at = await dispatch.database_now(conn)
         made = 0
         while True:
-            claimed = await self._claim_and_start()
+            claimed = await self._claim_and_start(due_by=started_at)
             made += claimed
             if claimed == 0 and not self._in_flight:
                 return made
             await asyncio.gather(*self._in_flight)
 
-    async def _claim_and_start(self) -> int:
+    async def _claim_and_start(self, due_by: datetime | None = None) -> int:
         free = self._concurrency - len(self._in_flight)
         if free <= 0:
             return 0
         async with self._engine.begin() as conn:
-            claims = await dispatch.claim_due(conn, limit=free, lease_s=self._lease_s)
+            claims = await dispatch.claim_due(
+                conn, limit=free, lease_s=self._lease_s, due_by=due_by
+            )
         for claim in claims:
             task = asyncio.create_task(self._process(claim))
             self._in_flight.add(task)
@@ -163,6 +173,7 @@ class Dispatcher:
         except (OSError, asyncpg.PostgresError) as error:
             log.warning("dispatch.listen_unavailable", error=str(error))
             return None
+        self.listening.set()
         return connection
 
     def _notified(self, *_: object) -> None:

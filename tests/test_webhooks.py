@@ -1,0 +1,191 @@
+"""The `track` webhook receiver: stores every delivery, files its news, tolerates its shape."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.payloads import track_body
+
+Client = TestClient[web.Request, web.Application]
+WEBHOOK = "/v1/webhooks/shipengine"
+TRACKING_NUMBER = "9405511899223197428490"
+
+
+async def subscribe(api: Client, carrier_code: str = "stamps_com") -> str:
+    response = await api.post(
+        "/v1/subscriptions",
+        json={"carrier_code": carrier_code, "tracking_number": TRACKING_NUMBER},
+    )
+    assert response.status == 202
+    subscription_id: str = (await response.json())["id"]
+    return subscription_id
+
+
+async def deliver(api: Client, body: dict[str, Any] | bytes, status: int = 200) -> Any:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await api.post(
+        WEBHOOK, data=data, headers={"Content-Type": "application/json", "X-Custom": "kept"}
+    )
+    assert response.status == status, await response.text()
+    return await response.json()
+
+
+async def events_of(api: Client, subscription_id: str) -> list[dict[str, Any]]:
+    response = await api.get(f"/v1/subscriptions/{subscription_id}/events")
+    items: list[dict[str, Any]] = (await response.json())["items"]
+    return items
+
+
+async def subscription(api: Client, subscription_id: str) -> dict[str, Any]:
+    document: dict[str, Any] = await (await api.get(f"/v1/subscriptions/{subscription_id}")).json()
+    return document
+
+
+async def test_a_delivery_files_status_and_events(api: Client) -> None:
+    subscription_id = await subscribe(api)
+    answer = await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 2))
+    assert answer["outcome"] == "filed"
+    assert answer["subscription_id"] == subscription_id
+
+    current = await subscription(api, subscription_id)
+    assert current["status_code"] == "IT"
+    assert current["status_description"] == "Departed facility"
+    assert current["estimated_delivery_date"] == "2026-11-23T00:00:00Z"
+    assert current["last_event_at"] == "2026-11-21T03:10:00Z"
+    events = await events_of(api, subscription_id)
+    assert [event["description"] for event in events] == ["Departed facility", "Shipment accepted"]
+    assert events[0]["city_locality"] == "DALLAS"
+    assert events[0]["occurred_at"] == "2026-11-21T03:10:00Z"
+    assert events[0]["received_at"]
+
+
+async def test_the_whole_history_in_each_delivery_is_stored_once(api: Client) -> None:
+    subscription_id = await subscribe(api)
+    for steps in (1, 2, 3, 4, 4):
+        await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", steps))
+
+    events = await events_of(api, subscription_id)
+    assert [event["status_code"] for event in events] == ["DE", None, "IT", "AC"]
+    delivered = await subscription(api, subscription_id)
+    assert delivered["status_code"] == "DE"
+    assert delivered["actual_delivery_date"] == "2026-11-22T15:30:00Z"
+
+
+async def test_an_older_delivery_adds_history_but_does_not_move_status_back(
+    api: Client,
+) -> None:
+    subscription_id = await subscribe(api)
+    await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 4))
+    await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 2))
+    current = await subscription(api, subscription_id)
+    assert current["status_code"] == "DE"
+    assert current["last_event_at"] == "2026-11-22T15:30:00Z"
+
+
+async def test_the_carrier_code_in_resource_url_picks_the_subscription(api: Client) -> None:
+    usps = await subscribe(api, carrier_code="usps")
+    fedex = await subscribe(api, carrier_code="fedex")
+    answer = await deliver(api, track_body(TRACKING_NUMBER, "fedex", 1))
+    assert answer["subscription_id"] == fedex
+    assert await events_of(api, usps) == []
+
+
+async def test_without_a_carrier_code_the_tracking_number_decides(api: Client) -> None:
+    subscription_id = await subscribe(api)
+    answer = await deliver(api, track_body(TRACKING_NUMBER, None, 1))
+    assert answer["subscription_id"] == subscription_id
+
+
+async def test_unknown_packages_are_kept_as_orphans(api: Client, engine: AsyncEngine) -> None:
+    answer = await deliver(api, track_body("NOSUCHNUMBER", "ups", 2))
+    assert answer["outcome"] == "orphan"
+    assert answer["subscription_id"] is None
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.text("SELECT tracking_number, outcome FROM webhook_deliveries WHERE id = :id"),
+                {"id": answer["delivery_id"]},
+            )
+        ).one()
+    assert tuple(row) == ("NOSUCHNUMBER", "orphan")
+
+
+async def test_raw_bytes_and_headers_are_kept(api: Client, engine: AsyncEngine) -> None:
+    await subscribe(api)
+    raw = json.dumps(track_body(TRACKING_NUMBER, "stamps_com", 1), indent=3).encode()
+    answer = await deliver(api, raw)
+    async with engine.connect() as conn:
+        body, headers = (
+            await conn.execute(
+                sa.text("SELECT body, headers FROM webhook_deliveries WHERE id = :id"),
+                {"id": answer["delivery_id"]},
+            )
+        ).one()
+    assert bytes(body) == raw
+    assert headers["x-custom"] == "kept"
+    assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"data": None},
+        {"data": {"tracking_number": TRACKING_NUMBER, "events": None, "status_code": None}},
+        {"data": {"tracking_number": TRACKING_NUMBER, "events": [None, 3, {"occurred_at": 5}]}},
+        {"data": {"tracking_number": 9405511899223197428490, "events": "nope"}},
+        {"resource_url": None, "data": {"tracking_number": "", "status_code": ""}},
+        {},
+    ],
+)
+async def test_loose_shapes_are_stored_not_refused(api: Client, data: dict[str, Any]) -> None:
+    await subscribe(api)
+    answer = await deliver(api, data)
+    assert answer["outcome"] in ("filed", "orphan")
+    assert answer["delivery_id"] > 0
+
+
+async def test_events_with_missing_fields_are_filed(api: Client) -> None:
+    subscription_id = await subscribe(api)
+    body = track_body(TRACKING_NUMBER, "stamps_com", 0)
+    body["data"]["events"] = [
+        {"occurred_at": None, "description": "No time at all"},
+        {"occurred_at": "not a time", "status_code": "", "latitude": "35.1", "longitude": None},
+        {"occurred_at": "2026-11-20T09:00:00", "description": "No zone means UTC"},
+    ]
+    await deliver(api, body)
+    events = await events_of(api, subscription_id)
+    assert len(events) == 3
+    assert events[0]["occurred_at"] == "2026-11-20T09:00:00Z"
+    assert {event["latitude"] for event in events} == {None, 35.1}
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        (b"{broken", "application/json", 400),
+        (b"[]", "application/json", 400),
+        (b"", "application/json", 400),
+        (b"<xml/>", "text/xml", 415),
+    ],
+)
+async def test_unreadable_deliveries_get_a_json_4xx(
+    api: Client, data: bytes, content_type: str, status: int
+) -> None:
+    response = await api.post(WEBHOOK, data=data, headers={"Content-Type": content_type})
+    assert response.status == status
+    assert (await response.json())["errors"]
+
+
+async def test_oversized_deliveries_get_413(api: Client) -> None:
+    huge = io.BytesIO(b'{"padding": "' + b"x" * (1024 * 1024) + b'"}')
+    response = await api.post(WEBHOOK, data=huge, headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert (await response.json())["errors"][0]["error_code"] == "request_too_large"
