@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.api.app import create_app
+from service.settings import Settings
 
 Client = TestClient[web.Request, web.Application]
 
@@ -74,17 +80,16 @@ async def test_concurrent_subscribes_create_one_row(api: Client) -> None:
     assert len(ids) == 1
 
 
-async def test_a_stopped_package_can_be_subscribed_again(api: Client, engine: Any) -> None:
+async def test_a_stopped_package_can_be_subscribed_again(api: Client, engine: AsyncEngine) -> None:
     first = await subscribe(api, PACKAGE)
     await api.delete(f"/v1/subscriptions/{first['id']}")
-    await engine_mark_stopped(engine, first["id"])
+    await mark_stopped(engine, first["id"])
     second = await subscribe(api, PACKAGE)
     assert second["id"] != first["id"]
 
 
-async def engine_mark_stopped(engine: Any, subscription_id: str) -> None:
-    import sqlalchemy as sa
-
+async def mark_stopped(engine: AsyncEngine, subscription_id: str) -> None:
+    """What the dispatcher does once ShipEngine confirms the stop."""
     async with engine.begin() as conn:
         await conn.execute(
             sa.text(
@@ -264,3 +269,17 @@ async def test_health_and_readiness(api: Client) -> None:
     ready = await api.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["checks"]["database"] == "ok"
+
+
+async def test_without_a_database_answers_are_503_not_500(settings: Settings) -> None:
+    unreachable = dataclasses.replace(
+        settings, database_url="postgresql://postgres@127.0.0.1:9/nowhere"
+    )
+    async with TestClient(TestServer(create_app(unreachable))) as api:
+        assert (await api.get("/healthz")).status == 200
+        ready = await api.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["status"] == "unavailable"
+        response = await api.post("/v1/subscriptions", json=PACKAGE)
+        assert response.status == 503
+        assert_error(await response.json(), "database_unavailable")
