@@ -7,9 +7,9 @@ The database comes from `config.attributes["database_url"]` when called from the
 import asyncio
 import os
 
+from alembic import context
 from sqlalchemy.engine import Connection
 
-from alembic import context
 from service.db.engine import create_engine
 from service.db.tables import metadata
 

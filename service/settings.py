@@ -38,6 +38,9 @@ class Settings:
     """SHIPENGINE_JWKS_URL: where ShipEngine's webhook signing keys are; `<base>/jwks`."""
     shipengine_timeout_s: float = 10.0
     """SHIPENGINE_TIMEOUT_S: total time allowed for one ShipEngine call."""
+    shipengine_rate_limit_per_minute: int = 200
+    """SHIPENGINE_RATE_LIMIT_PER_MINUTE: calls a minute for the account, all instances together
+    (0: no limit)."""
     log_level: str = "INFO"
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
     database_pool_size: int = 10
@@ -52,6 +55,12 @@ class Settings:
     """DISPATCH_RETRY_BASE_S: first retry delay; doubles each attempt, with full jitter."""
     dispatch_retry_max_s: float = 600.0
     """DISPATCH_RETRY_MAX_S: the cap of the retry delay."""
+    dispatch_max_attempts: int = 20
+    """DISPATCH_MAX_ATTEMPTS: failed calls before a subscription is given up (`failed`)."""
+    dispatch_account_probe_s: float = 60.0
+    """DISPATCH_ACCOUNT_PROBE_S: while our account is refused, one probe call this often."""
+    dispatch_shutdown_grace_s: float = 10.0
+    """DISPATCH_SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight calls may take to finish."""
     webhook_max_bytes: int = 1024 * 1024
     """WEBHOOK_MAX_BYTES: largest webhook body accepted; larger ones get 413."""
 
@@ -59,6 +68,13 @@ class Settings:
         if not self.shipengine_jwks_url:
             jwks = self.shipengine_base_url.rstrip("/") + "/jwks"
             object.__setattr__(self, "shipengine_jwks_url", jwks)
+        if self.dispatch_lease_s <= self.shipengine_timeout_s:
+            # A claim must outlive its call, or a second dispatcher could call while the first
+            # is still waiting for ShipEngine's answer.
+            raise SettingsError(
+                f"DISPATCH_LEASE_S: must be longer than SHIPENGINE_TIMEOUT_S "
+                f"({self.dispatch_lease_s} <= {self.shipengine_timeout_s})"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -74,6 +90,11 @@ class Settings:
             shipengine_timeout_s=optional(
                 "SHIPENGINE_TIMEOUT_S", positive_float, cls.shipengine_timeout_s
             ),
+            shipengine_rate_limit_per_minute=optional(
+                "SHIPENGINE_RATE_LIMIT_PER_MINUTE",
+                non_negative_int,
+                cls.shipengine_rate_limit_per_minute,
+            ),
             log_level=optional("LOG_LEVEL", log_level, cls.log_level),
             database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
             dispatch_concurrency=optional(
@@ -88,6 +109,15 @@ class Settings:
             ),
             dispatch_retry_max_s=optional(
                 "DISPATCH_RETRY_MAX_S", positive_float, cls.dispatch_retry_max_s
+            ),
+            dispatch_max_attempts=optional(
+                "DISPATCH_MAX_ATTEMPTS", positive_int, cls.dispatch_max_attempts
+            ),
+            dispatch_account_probe_s=optional(
+                "DISPATCH_ACCOUNT_PROBE_S", positive_float, cls.dispatch_account_probe_s
+            ),
+            dispatch_shutdown_grace_s=optional(
+                "DISPATCH_SHUTDOWN_GRACE_S", non_negative_float, cls.dispatch_shutdown_grace_s
             ),
             webhook_max_bytes=optional("WEBHOOK_MAX_BYTES", positive_int, cls.webhook_max_bytes),
         )
@@ -150,6 +180,13 @@ def positive_int(raw: str) -> int:
     value = integer(raw)
     if value <= 0:
         raise ValueError(f"must be a positive integer, got {raw!r}")
+    return value
+
+
+def non_negative_int(raw: str) -> int:
+    value = integer(raw)
+    if value < 0:
+        raise ValueError(f"must be zero or more, got {raw!r}")
     return value
 
 

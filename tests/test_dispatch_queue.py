@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import dispatch
-from service.db.subscriptions import NewSubscription, create_subscription, request_stop
-from service.domain.subscriptions import CallOutcome, Operation, OutcomeKind
+from service.db.subscriptions import (
+    NewSubscription,
+    create_subscription,
+    get_subscription,
+    list_attempts,
+    request_stop,
+)
+from service.domain.subscriptions import CallOutcome, Operation, OutcomeKind, RetryPolicy
 
 ACCEPTED = CallOutcome(OutcomeKind.ACCEPTED, http_status=204)
 TRANSIENT = CallOutcome(OutcomeKind.TRANSIENT, http_status=503)
@@ -25,14 +33,21 @@ async def add(engine: AsyncEngine, count: int) -> list[uuid.UUID]:
     return ids
 
 
+UNLIMITED = dispatch.Budget(rate_per_minute=0, account_probe_s=60)
+POLICY = RetryPolicy(base_s=1, cap_s=10, max_attempts=5)
+
+
 async def claim(engine: AsyncEngine, limit: int = 100, lease_s: float = 60) -> list[dispatch.Claim]:
     async with engine.begin() as conn:
-        return await dispatch.claim_due(conn, limit=limit, lease_s=lease_s)
+        claimed = await dispatch.claim_due(conn, limit=limit, lease_s=lease_s, budget=UNLIMITED)
+    return claimed.claims
 
 
 async def record(engine: AsyncEngine, claimed: dispatch.Claim, outcome: CallOutcome) -> object:
+    result = dispatch.CallResult(claimed, outcome, datetime.now(UTC), 12.5, retry_in_s=30)
     async with engine.begin() as conn:
-        return await dispatch.record_outcome(conn, claimed, outcome, retry_in_s=30)
+        (moved,) = await dispatch.record_outcomes(conn, [result], policy=POLICY, budget=UNLIMITED)
+    return moved
 
 
 async def state_of(engine: AsyncEngine, subscription_id: uuid.UUID) -> tuple[str, bool]:
@@ -128,3 +143,126 @@ async def test_released_claims_are_due_again_without_spending_an_attempt(
         await dispatch.release(conn, claims)
     again = await claim(engine)
     assert {c.attempt for c in again} == {1}
+
+
+RATE_LIMITED = CallOutcome(OutcomeKind.RATE_LIMITED, http_status=429, retry_after_s=30)
+ACCOUNT = CallOutcome(
+    OutcomeKind.ACCOUNT,
+    http_status=401,
+    request_id="r-401",
+    errors=[{"error_code": "unauthorized", "error_type": "security"}],
+)
+
+
+async def execute(engine: AsyncEngine, sql: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(sql))
+
+
+async def claim_with(engine: AsyncEngine, budget: dispatch.Budget, limit: int = 100) -> Any:
+    async with engine.begin() as conn:
+        return await dispatch.claim_due(conn, limit=limit, lease_s=60, budget=budget)
+
+
+async def test_the_rate_budget_is_shared_by_concurrent_claimers(engine: AsyncEngine) -> None:
+    await add(engine, 50)
+    budget = dispatch.Budget(rate_per_minute=60, account_probe_s=60)  # one a second, burst 1
+    await execute(engine, "UPDATE dispatch_control SET tokens = 1, refilled_at = clock_timestamp()")
+    rounds = await asyncio.gather(*(claim_with(engine, budget) for _ in range(8)))
+    assert sum(len(r.claims) for r in rounds) == 1
+
+    await execute(engine, "UPDATE dispatch_control SET tokens = 0, refilled_at = clock_timestamp()")
+    empty = await claim_with(engine, budget)
+    assert empty.claims == []
+    assert 0.9 < empty.held_for_s <= 60 / 59  # the time for one token to refill
+
+
+async def test_a_429_pauses_every_claimer_without_spending_an_attempt(
+    engine: AsyncEngine,
+) -> None:
+    await add(engine, 2)
+    (limited,) = await claim(engine, limit=1)
+    await record(engine, limited, RATE_LIMITED)
+
+    held = await claim_with(engine, UNLIMITED)
+    assert held.claims == []
+    assert 25 < held.held_for_s <= 30
+    async with engine.connect() as conn:
+        pause = await dispatch.current_pause(conn)
+    assert pause is not None
+    assert pause.kind == "rate_limit"
+    row = await attempts_and_due(engine, limited.subscription_id)
+    assert row == (0, True)
+
+
+async def attempts_and_due(engine: AsyncEngine, subscription_id: uuid.UUID) -> tuple[int, bool]:
+    async with engine.connect() as conn:
+        attempts, later = (
+            await conn.execute(
+                sa.text(
+                    "SELECT attempts, next_attempt_at > now() + interval '20 seconds' "
+                    "FROM subscriptions WHERE id = :id"
+                ),
+                {"id": subscription_id},
+            )
+        ).one()
+    return attempts, later
+
+
+async def test_an_account_refusal_pauses_until_one_probe_passes(engine: AsyncEngine) -> None:
+    await add(engine, 5)
+    (refused,) = await claim(engine, limit=1)
+    await record(engine, refused, ACCOUNT)
+    assert (await claim_with(engine, UNLIMITED)).claims == []
+    async with engine.connect() as conn:
+        pause = await dispatch.current_pause(conn)
+    assert pause is not None
+    assert pause.kind == "account"
+    assert pause.reason is not None
+    assert pause.reason["errors"][0]["error_code"] == "unauthorized"
+
+    # The probe interval passes: exactly one claimer gets exactly one call.
+    await execute(engine, "UPDATE dispatch_control SET paused_until = now() - interval '1 s'")
+    await execute(
+        engine, "UPDATE subscriptions SET next_attempt_at = now() WHERE claim_token IS NULL"
+    )
+    rounds = await asyncio.gather(*(claim_with(engine, UNLIMITED) for _ in range(4)))
+    probes = [c for r in rounds for c in r.claims]
+    assert len(probes) == 1
+
+    await record(engine, probes[0], ACCEPTED)
+    async with engine.connect() as conn:
+        assert await dispatch.current_pause(conn) is None
+    assert len((await claim_with(engine, UNLIMITED)).claims) == 4  # the refused one too
+
+
+async def test_every_call_is_kept_with_its_outcome(engine: AsyncEngine) -> None:
+    (subscription_id,) = await add(engine, 1)
+    (dead,) = await claim(engine)
+    await expire_leases(engine)
+    (alive,) = await claim(engine)
+    await record(engine, alive, ACCOUNT)
+    await record(engine, dead, ACCEPTED)
+    async with engine.connect() as conn:
+        attempts = await list_attempts(conn, subscription_id)
+    assert [(a["attempt"], a["outcome"], a["claim_lost"]) for a in attempts] == [
+        (1, "accepted", True),
+        (2, "account", False),
+    ]
+    assert attempts[1]["request_id"] == "r-401"
+    assert attempts[1]["error_code"] == "unauthorized"
+    assert attempts[1]["latency_ms"] == 12.5
+
+
+async def test_transient_failures_give_up_after_max_attempts(engine: AsyncEngine) -> None:
+    (subscription_id,) = await add(engine, 1)
+    for attempt in range(1, POLICY.max_attempts + 1):
+        await execute(engine, "UPDATE subscriptions SET next_attempt_at = now()")
+        (claimed,) = await claim(engine)
+        assert claimed.attempt == attempt
+        await record(engine, claimed, TRANSIENT)
+    assert await state_of(engine, subscription_id) == ("failed", False)
+    async with engine.connect() as conn:
+        row = await get_subscription(conn, subscription_id)
+    assert row is not None
+    assert row["last_error"]["http_status"] == 503

@@ -122,27 +122,65 @@ async def test_server_errors_are_retried_until_they_pass(
     assert (final["state"], final["last_error"], final["attempts"]) == ("active", None, 0)
 
 
-async def test_a_429_waits_at_least_retry_after(
+async def test_a_429_pauses_all_dispatching_for_retry_after(
     engine: AsyncEngine, make_dispatcher: MakeDispatcher, shipengine: RunningSimulator
 ) -> None:
     shipengine.simulator.script("LIMITED", status=429, retry_after_s=40, times=1)
-    subscription_id = await subscribe(engine, "LIMITED")
-    await make_dispatcher().drain()
-    row = await row_of(engine, subscription_id)
+    limited = await subscribe(engine, "LIMITED")
+    dispatcher = make_dispatcher()
+    await dispatcher.drain()
+    row = await row_of(engine, limited)
     assert row["state"] == "pending"
     assert row["last_error"]["errors"][0]["error_code"] == "rate_limit_exceeded"
     assert row["due_in"].total_seconds() > 35
+    assert row["attempts"] == 0  # a pause is not the package's failure
+
+    # Everyone waits, new work included: one pause for all, not one per request.
+    await subscribe(engine, "OTHER")
+    assert await dispatcher.drain() == 0
+    assert len(start_calls(shipengine)) == 0
 
 
-async def test_our_bad_api_key_fails_no_subscription(
-    engine: AsyncEngine, make_dispatcher: MakeDispatcher, shipengine: RunningSimulator
+async def test_our_bad_api_key_pauses_dispatch_and_fails_no_subscription(
+    engine: AsyncEngine,
+    make_dispatcher: MakeDispatcher,
+    shipengine: RunningSimulator,
+    api: Any,
 ) -> None:
-    subscription_id = await subscribe(engine)
-    await make_dispatcher(shipengine_api_key="TEST_wrong").drain()
-    row = await row_of(engine, subscription_id)
+    first = await subscribe(engine)
+    second = await subscribe(engine, "SECOND")
+    refused = make_dispatcher(shipengine_api_key="TEST_wrong", dispatch_concurrency=1)
+    assert await refused.drain() == 1
+    row = await row_of(engine, first)
     assert row["state"] == "pending"
     assert row["last_error"]["http_status"] == 401
     assert row["last_error"]["errors"][0]["error_code"] == "unauthorized"
+    assert (await row_of(engine, second))["state"] == "pending"
+    assert await refused.drain() == 0
+
+    ready = await (await api.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    assert ready["dispatch"]["paused"] is True
+    assert ready["dispatch"]["kind"] == "account"
+    assert ready["dispatch"]["reason"]["errors"][0]["error_code"] == "unauthorized"
+
+    # The key is fixed; after the probe interval one probe succeeds and everything resumes.
+    await end_pause(engine)
+    fixed = make_dispatcher()
+    assert await fixed.drain() == 2  # one probe, then the rest once it passed
+    probe, rest = [c for c in shipengine.simulator.calls if c.http_status == 204]
+    assert probe.ended_at <= rest.at  # the probe went alone
+    assert {(await row_of(engine, s))["state"] for s in (first, second)} == {"active"}
+    assert (await (await api.get("/readyz")).json())["dispatch"] == {"paused": False}
+
+
+async def end_pause(engine: AsyncEngine) -> None:
+    """Let the probe interval pass: the test's stand-in for waiting a minute."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE dispatch_control SET paused_until = now() - interval '1 second'")
+        )
+    await make_retries_due(engine)
 
 
 async def test_timeouts_are_retried(
@@ -216,3 +254,42 @@ async def test_a_running_dispatcher_wakes_on_notify_not_on_its_poll(
 
 async def state_is(engine: AsyncEngine, subscription_id: uuid.UUID, state: str) -> bool | None:
     return True if (await row_of(engine, subscription_id))["state"] == state else None
+
+
+async def test_attempts_are_readable_and_a_failed_subscription_can_be_retried(
+    engine: AsyncEngine,
+    make_dispatcher: MakeDispatcher,
+    shipengine: RunningSimulator,
+    api: Any,
+) -> None:
+    shipengine.simulator.script("BAD2", status=400, error_code="invalid_identifier", times=1)
+    subscription_id = await subscribe(engine, "BAD2")
+    dispatcher = make_dispatcher()
+    await dispatcher.drain()
+    path = f"/v1/subscriptions/{subscription_id}"
+
+    attempts = (await (await api.get(f"{path}/attempts")).json())["items"]
+    assert len(attempts) == 1
+    assert attempts[0]["operation"] == "start"
+    assert attempts[0]["outcome"] == "rejected"
+    assert attempts[0]["http_status"] == 400
+    assert attempts[0]["error_code"] == "invalid_identifier"
+    assert attempts[0]["latency_ms"] > 0
+
+    retried = await api.post(f"{path}/retry")
+    assert retried.status == 202
+    assert (await retried.json())["state"] == "pending"
+    again = await api.post(f"{path}/retry")
+    assert again.status == 409
+    assert (await again.json())["errors"][0]["error_code"] == "invalid_status"
+
+    await dispatcher.drain()
+    assert (await row_of(engine, subscription_id))["state"] == "active"
+    outcomes = [a["outcome"] for a in (await (await api.get(f"{path}/attempts")).json())["items"]]
+    assert outcomes == ["accepted", "rejected"]
+
+
+async def test_retry_and_attempts_of_unknown_subscriptions_are_404(api: Any) -> None:
+    missing = "/v1/subscriptions/6a1c2e64-6d5e-4bd4-9d56-3b1b1ad2a1b0"
+    assert (await api.post(f"{missing}/retry")).status == 404
+    assert (await api.get(f"{missing}/attempts")).status == 404

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime
 
 import pytest
 
+from service.db.dispatch import bucket_shape
 from service.domain.subscriptions import (
     CallOutcome,
     Operation,
     OutcomeKind,
     RetryPolicy,
     SubscriptionState,
+    Transition,
     transition,
 )
 from service.domain.tracking import parse_track_payload, text, timestamp
+from service.shipengine.classification import ERROR_CODES
 from service.shipengine.client import classify
 from tests.payloads import track_body
 
@@ -79,6 +83,28 @@ class TestParsing:
         assert parse_track_payload(body).events[0].key != first.key
 
 
+POLICY = RetryPolicy(base_s=1.0, cap_s=10.0, max_attempts=3)
+RATE_LIMITED = CallOutcome(OutcomeKind.RATE_LIMITED, http_status=429, retry_after_s=30)
+ACCOUNT = CallOutcome(OutcomeKind.ACCOUNT, http_status=401)
+
+
+def move(
+    outcome: CallOutcome,
+    state: SubscriptionState = SubscriptionState.PENDING,
+    operation: Operation = Operation.START,
+    attempt: int = 1,
+) -> Transition:
+    return transition(
+        state,
+        operation,
+        outcome,
+        attempt=attempt,
+        retry_in_s=3.0,
+        paused_for_s=30.0,
+        policy=POLICY,
+    )
+
+
 class TestTransitions:
     @pytest.mark.parametrize(
         ("outcome", "state", "retry", "has_error"),
@@ -86,6 +112,8 @@ class TestTransitions:
             (ACCEPTED, SubscriptionState.ACTIVE, None, False),
             (REJECTED, SubscriptionState.FAILED, None, True),
             (TRANSIENT, SubscriptionState.PENDING, 3.0, True),
+            (RATE_LIMITED, SubscriptionState.PENDING, 30.0, True),
+            (ACCOUNT, SubscriptionState.PENDING, 30.0, True),
         ],
     )
     def test_start(
@@ -95,18 +123,18 @@ class TestTransitions:
         retry: float | None,
         has_error: bool,
     ) -> None:
-        moved = transition(SubscriptionState.PENDING, Operation.START, outcome, 3.0)
+        moved = move(outcome)
         assert (moved.state, moved.retry_in_s, moved.last_error is not None) == (
             state,
             retry,
             has_error,
         )
 
-    @pytest.mark.parametrize("outcome", [ACCEPTED, REJECTED, TRANSIENT])
+    @pytest.mark.parametrize("outcome", [ACCEPTED, REJECTED, TRANSIENT, RATE_LIMITED, ACCOUNT])
     def test_a_cancel_during_the_start_wins_and_makes_the_stop_due(
         self, outcome: CallOutcome
     ) -> None:
-        moved = transition(SubscriptionState.STOPPING, Operation.START, outcome, 3.0)
+        moved = move(outcome, state=SubscriptionState.STOPPING)
         assert moved.state is SubscriptionState.STOPPING
         assert moved.retry_in_s == 0.0
 
@@ -116,17 +144,34 @@ class TestTransitions:
             (ACCEPTED, SubscriptionState.STOPPED, None),
             (REJECTED, SubscriptionState.STOPPED, None),
             (TRANSIENT, SubscriptionState.STOPPING, 3.0),
+            (RATE_LIMITED, SubscriptionState.STOPPING, 30.0),
+            (ACCOUNT, SubscriptionState.STOPPING, 30.0),
         ],
     )
     def test_stop(
         self, outcome: CallOutcome, state: SubscriptionState, retry: float | None
     ) -> None:
-        moved = transition(SubscriptionState.STOPPING, Operation.STOP, outcome, 3.0)
+        moved = move(outcome, state=SubscriptionState.STOPPING, operation=Operation.STOP)
         assert (moved.state, moved.retry_in_s) == (state, retry)
 
+    def test_pauses_spend_no_attempt_and_others_do(self) -> None:
+        assert not move(RATE_LIMITED).attempt_spent
+        assert not move(ACCOUNT).attempt_spent
+        assert move(TRANSIENT).attempt_spent
+
+    def test_transient_failures_give_up_after_the_last_attempt_keeping_the_error(self) -> None:
+        assert move(TRANSIENT, attempt=2).state is SubscriptionState.PENDING
+        given_up = move(TRANSIENT, attempt=3)
+        assert (given_up.state, given_up.retry_in_s) == (SubscriptionState.FAILED, None)
+        assert given_up.last_error == TRANSIENT.as_error(Operation.START)
+        stop = move(TRANSIENT, SubscriptionState.STOPPING, Operation.STOP, attempt=3)
+        assert stop.state is SubscriptionState.STOPPED
+
+    def test_pauses_never_give_up(self) -> None:
+        assert move(RATE_LIMITED, attempt=99).state is SubscriptionState.PENDING
+
     def test_the_error_kept_is_shipengines_own(self) -> None:
-        moved = transition(SubscriptionState.PENDING, Operation.START, REJECTED, 0)
-        assert moved.last_error == {
+        assert move(REJECTED).last_error == {
             "operation": "start",
             "http_status": 400,
             "request_id": "aa3d8e8e-462b-4476-9618-72db7f7b7009",
@@ -136,39 +181,152 @@ class TestTransitions:
 
 class TestRetryPolicy:
     def test_full_jitter_under_an_exponential_ceiling_with_a_cap(self) -> None:
-        policy = RetryPolicy(base_s=1.0, cap_s=10.0)
         rng = random.Random(7)
         for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (40, 10.0)]:
-            delays = [policy.delay_s(attempt, TRANSIENT, rng) for _ in range(200)]
+            delays = [POLICY.delay_s(attempt, rng) for _ in range(200)]
             assert min(delays) >= 0
             assert max(delays) <= ceiling
             assert max(delays) > ceiling / 2
 
-    def test_retry_after_is_honoured(self) -> None:
-        policy = RetryPolicy(base_s=1.0, cap_s=10.0)
-        limited = CallOutcome(OutcomeKind.TRANSIENT, http_status=429, retry_after_s=30)
-        assert policy.delay_s(1, limited, random.Random(1)) == 30
+
+def error_body(*errors: tuple[str, str]) -> bytes:
+    return json.dumps(
+        {
+            "request_id": "r-1",
+            "errors": [
+                {"error_source": "carrier", "error_type": kind, "error_code": code, "message": "m"}
+                for code, kind in errors
+            ],
+        }
+    ).encode()
+
+
+# The `error_code` enum of ShipEngine's start-tracking reference (../shared/shipengine/).
+SHIPENGINE_ERROR_CODES = (
+    "auto_fund_not_supported",
+    "batch_cannot_be_modified",
+    "carrier_conflict",
+    "carrier_disconnected",
+    "carrier_not_connected",
+    "carrier_not_supported",
+    "confirmation_not_supported",
+    "customs_items_required",
+    "default_warehouse_cannot_be_deleted",
+    "field_conflict",
+    "field_value_required",
+    "file_not_found",
+    "forbidden",
+    "funding_source_error",
+    "funding_source_missing_configuration",
+    "funding_source_registration_in_progress",
+    "identifier_conflict",
+    "identifiers_must_match",
+    "incompatible_paired_labels",
+    "insufficient_funds",
+    "insurance_failure",
+    "invalid_address",
+    "invalid_billing_plan",
+    "invalid_charge_event",
+    "invalid_field_value",
+    "invalid_identifier",
+    "invalid_object",
+    "invalid_status",
+    "invalid_string_length",
+    "label_images_not_supported",
+    "meter_failure",
+    "no_rates_returned",
+    "order_source_not_active",
+    "rate_limit_exceeded",
+    "refresh_not_supported",
+    "request_body_required",
+    "return_label_not_supported",
+    "service_not_determined",
+    "settings_not_supported",
+    "shipping_rule_not_found",
+    "subscription_inactive",
+    "terms_not_accepted",
+    "tracking_not_supported",
+    "trial_expired",
+    "unauthorized",
+    "unknown",
+    "unspecified",
+    "verification_failure",
+    "warehouse_conflict",
+    "webhook_event_type_conflict",
+)
 
 
 class TestClassify:
-    BODY = (
-        b'{"request_id": "r-1", "errors": [{"error_source": "carrier", '
-        b'"error_type": "validation", "error_code": "invalid_identifier", "message": "bad"}]}'
-    )
+    BODY = error_body(("invalid_identifier", "validation"))
+
+    def test_the_table_covers_every_code_shipengine_documents(self) -> None:
+        assert set(SHIPENGINE_ERROR_CODES) <= set(ERROR_CODES)
 
     def test_204_is_accepted(self) -> None:
         assert classify(204, b"", None).kind is OutcomeKind.ACCEPTED
 
-    @pytest.mark.parametrize("status", [400, 404, 422])
-    def test_4xx_with_shipengines_body_is_rejected_and_kept(self, status: int) -> None:
-        outcome = classify(status, self.BODY, None)
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "invalid_field_value",
+            "tracking_not_supported",
+            "carrier_not_supported",
+            "invalid_identifier",
+            "field_value_required",
+        ],
+    )
+    def test_the_packages_own_fault_rejects_it(self, code: str) -> None:
+        outcome = classify(400, error_body((code, "validation")), None)
         assert outcome.kind is OutcomeKind.REJECTED
         assert outcome.request_id == "r-1"
-        assert outcome.errors[0]["error_code"] == "invalid_identifier"
+        assert outcome.error_code == code
 
-    @pytest.mark.parametrize("status", [401, 403, 429, 500, 502, 503])
-    def test_account_rate_and_server_errors_are_transient(self, status: int) -> None:
-        assert classify(status, self.BODY, None).kind is OutcomeKind.TRANSIENT
+    @pytest.mark.parametrize(
+        "code",
+        [
+            "unauthorized",
+            "forbidden",
+            "subscription_inactive",
+            "trial_expired",
+            "invalid_billing_plan",
+            "carrier_not_connected",
+            "carrier_disconnected",
+            "terms_not_accepted",
+        ],
+    )
+    def test_the_accounts_fault_pauses_dispatch(self, code: str) -> None:
+        assert classify(400, error_body((code, "account_status")), None).kind is ACCOUNT.kind
+
+    @pytest.mark.parametrize(
+        ("status", "errors"),
+        [
+            (400, [("unknown", "system")]),
+            (400, [("unspecified", "system")]),
+            (500, [("unspecified", "system")]),
+            (503, [("invalid_identifier", "validation")]),  # a 5xx is never the package's fault
+            (502, []),
+        ],
+    )
+    def test_transient_errors_are_retried(self, status: int, errors: list[tuple[str, str]]) -> None:
+        assert classify(status, error_body(*errors), None).kind is OutcomeKind.TRANSIENT
+
+    def test_429_is_a_global_pause_honouring_retry_after(self) -> None:
+        outcome = classify(429, error_body(("rate_limit_exceeded", "system")), "7")
+        assert (outcome.kind, outcome.retry_after_s) == (OutcomeKind.RATE_LIMITED, 7.0)
+
+    @pytest.mark.parametrize("status", [401, 403])
+    def test_401_and_403_are_the_account_even_without_a_body(self, status: int) -> None:
+        assert classify(status, b"", None).kind is OutcomeKind.ACCOUNT
+
+    def test_unknown_codes_fall_back_on_their_type(self) -> None:
+        assert classify(400, error_body(("brand_new", "security")), None).kind is ACCOUNT.kind
+        assert classify(400, error_body(("brand_new", "business_rules")), None).kind is (
+            OutcomeKind.REJECTED
+        )
+
+    def test_the_widest_consequence_wins(self) -> None:
+        body = error_body(("invalid_identifier", "validation"), ("trial_expired", "account_status"))
+        assert classify(400, body, None).kind is OutcomeKind.ACCOUNT
 
     @pytest.mark.parametrize("body", [b"", b"<html>Bad Gateway</html>", b"[]", b'{"a": 1}'])
     def test_answers_without_shipengines_body_are_transient(self, body: bytes) -> None:
@@ -179,3 +337,11 @@ class TestClassify:
     @pytest.mark.parametrize(("header", "seconds"), [("7", 7.0), ("x", None), ("-1", None)])
     def test_retry_after(self, header: str, seconds: float | None) -> None:
         assert classify(429, self.BODY, header).retry_after_s == seconds
+
+
+@pytest.mark.parametrize("rate", [1, 20, 200, 1200, 12000, 100000])
+def test_the_bucket_never_lets_a_minute_exceed_the_rate(rate: int) -> None:
+    capacity, refill_s = bucket_shape(rate)
+    assert capacity >= 1
+    assert capacity + refill_s * 60 <= max(rate, 2)
+    assert refill_s * 60 >= rate * 0.9 or rate < 20

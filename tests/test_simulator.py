@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +25,15 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from multidict import CIMultiDict
 
 from service.settings import SettingsError
-from service.simulator import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app
+from service.simulator import (
+    CANCELLED_STATUS,
+    SIMULATOR,
+    Simulator,
+    SimulatorConfig,
+    create_simulator_app,
+)
 from service.simulator.lifecycle import plan_life
+from service.simulator.ratelimit import SlidingWindow
 
 API_KEY = "TEST_key_for_tests"
 PUBLIC_URL = "https://api.shipengine.test"
@@ -186,6 +194,24 @@ async def fetch_jwks(anonymous: ClientSession) -> dict[str, Any]:
 
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# A client that sends a start call and hangs until killed, as a dispatcher mid-call.
+CALL_AND_HANG = """
+import sys, urllib.request
+request = urllib.request.Request(sys.argv[1], method="POST", headers={"API-Key": sys.argv[2]})
+urllib.request.urlopen(request)
+"""
+
+
+async def kill_mid_call(simulator: Simulator, url: str) -> None:
+    """Start a client calling `url`, and SIGKILL it once its call is in flight."""
+    client = await asyncio.create_subprocess_exec(sys.executable, "-c", CALL_AND_HANG, url, API_KEY)
+    try:
+        await asyncio.wait_for(simulator.wait_for_in_flight(1), timeout=20)
+    finally:
+        client.kill()
+        await client.wait()
 
 
 # -- authentication and validation ------------------------------------------------------------
@@ -506,6 +532,199 @@ async def test_latency_is_added_to_api_answers(
     assert time.monotonic() - began >= 0.2
 
 
+# -- the rate limit ---------------------------------------------------------------------------
+
+
+async def test_the_rate_limit_refuses_calls_over_it_until_the_window_moves_on(
+    http: ClientSession, anonymous: ClientSession, simulator: Simulator
+) -> None:
+    # 600 a minute over a 1 s window: at most 10 calls in any second, every endpoint together.
+    limit = {"rate_limit_per_minute": 600, "rate_limit_window_s": 1.0}
+    async with anonymous.post("/_sim/config", json=limit) as response:
+        assert response.status == 200
+        assert (await response.json()).items() >= limit.items()
+    simulator.script("9400SCRIPTED", status=429, times=1)
+
+    async with anonymous.post("/v1/tracking/start", params=track_query("9400")) as response:
+        assert response.status == 401  # not authenticated, so not counted
+    async with http.post("/v1/tracking/start", params=track_query("9400SCRIPTED")) as response:
+        assert response.status == 429  # a scripted 429 is a call like any other
+    for number in range(3):
+        assert await start(http, f"9400LIMIT{number}") == 204
+        async with http.get("/v1/tracking", params=track_query(f"9400LIMIT{number}")) as response:
+            assert response.status == 200
+        async with http.get("/v1/environment/webhooks") as response:
+            assert response.status == 200
+
+    async with http.get("/v1/tracking", params=track_query("9400LIMIT0")) as response:
+        error = await error_of(response, 429)
+        retry_after = int(response.headers["Retry-After"])
+    assert error == RATE_LIMIT_ERROR
+    assert retry_after == 1  # whole seconds, at least 1, and the window is only 1 s long
+
+    statuses = [(call.http_status, call.rate_limited) for call in simulator.calls]
+    assert statuses == [
+        (401, False),
+        (429, False),
+        *[(204, False), (200, False), (200, False)] * 3,
+        (429, True),
+    ]
+    async with anonymous.get("/_sim/stats") as response:
+        stats = await response.json()
+    assert (stats["calls"], stats["rate_limited"], stats["in_flight"]) == (12, 1, 0)
+
+    # The behaviour under test is time passing: waiting Retry-After must free the window.
+    await asyncio.sleep(retry_after)
+    for number in range(10):
+        async with http.get("/v1/tracking", params=track_query(f"9400AGAIN{number}")) as response:
+            assert response.status == 200
+    assert not any(call.rate_limited for call in simulator.calls[-10:])
+
+
+async def test_the_rate_limit_is_off_by_default_and_at_zero(
+    http: ClientSession, simulator: Simulator
+) -> None:
+    assert simulator.config.rate_limit_per_minute is None
+    simulator.configure(rate_limit_per_minute=60, rate_limit_window_s=1.0)
+    assert simulator.config.calls_per_rate_window == 1
+    async with http.get("/v1/environment/webhooks") as response:
+        assert response.status == 200
+    async with http.get("/v1/environment/webhooks") as response:
+        assert response.status == 429
+
+    simulator.configure(rate_limit_per_minute=0)
+    assert simulator.config.rate_limit_per_minute is None
+    for _ in range(5):
+        async with http.get("/v1/environment/webhooks") as response:
+            assert response.status == 200
+
+
+async def test_a_rate_limit_that_lets_no_call_through_is_refused(
+    anonymous: ClientSession, simulator: Simulator
+) -> None:
+    with pytest.raises(ValueError, match="no call"):
+        simulator.configure(rate_limit_per_minute=30, rate_limit_window_s=1.0)
+    body = {"rate_limit_per_minute": 30, "rate_limit_window_s": 1.0}
+    async with anonymous.post("/_sim/config", json=body) as response:
+        error = await error_of(response, 400)
+    assert "no call" in error["message"]
+    assert simulator.config.rate_limit_per_minute is None
+
+
+def test_the_window_slides_and_retry_after_waits_for_its_oldest_call() -> None:
+    now = [0.0]
+    window = SlidingWindow(clock=lambda: now[0])
+    per_minute, window_s = 12, 10.0  # 2 calls in any 10 s
+
+    assert window.admit(per_minute, window_s) is None  # at 0
+    now[0] = 6.0
+    assert window.admit(per_minute, window_s) is None  # at 6
+    now[0] = 7.5
+    assert window.admit(per_minute, window_s) == 3  # the call at 0 leaves at 10: 2.5 s, rounded up
+    now[0] = 9.9
+    assert window.admit(per_minute, window_s) == 1  # never less than 1
+    now[0] = 10.0
+    assert window.admit(per_minute, window_s) is None  # the refused calls took no slot
+    now[0] = 15.0
+    assert window.admit(per_minute, window_s) == 1  # the call at 6 leaves at 16
+    # A limit lowered at runtime: the slot frees only once the surplus has left too.
+    assert window.admit(6, window_s) == 5
+
+
+# -- calls in flight --------------------------------------------------------------------------
+
+
+async def test_calls_in_flight_are_counted_and_overlaps_per_package_measured(
+    http: ClientSession, anonymous: ClientSession, simulator: Simulator
+) -> None:
+    simulator.script("9400BOTH", status=204, delay_s=0.5)
+    stops_answered = asyncio.create_task(simulator.wait_for_calls(1, "/v1/tracking/stop"))
+    calls = [asyncio.create_task(start(http, "9400BOTH")) for _ in range(2)]
+
+    await asyncio.wait_for(simulator.wait_for_in_flight(2), timeout=10)
+    assert simulator.in_flight == 2
+    assert simulator.calls == []
+    await asyncio.wait_for(simulator.wait_for_calls(2, "/v1/tracking/start"), timeout=10)
+    assert simulator.in_flight == 0
+    assert await asyncio.gather(*calls) == [204, 204]
+    assert not stops_answered.done()
+
+    assert await start(http, "9400ONEBYONE") == 204
+    async with http.post("/v1/tracking/stop", params=track_query("9400ONEBYONE")) as response:
+        assert response.status == 204
+    await asyncio.wait_for(stops_answered, timeout=10)
+    async with http.get("/v1/tracking", params=track_query("9400ONEBYONE")) as response:
+        assert response.status == 200  # only start and stop calls act on a package
+
+    assert simulator.max_concurrent_per_package() == {
+        (CARRIER, "9400BOTH"): 2,
+        (CARRIER, "9400ONEBYONE"): 1,
+    }
+    for call in simulator.calls:
+        assert call.at <= call.ended_at
+    both = [call for call in simulator.calls if call.query == track_query("9400BOTH")]
+    assert all(call.ended_at - call.at >= 0.5 for call in both)
+    assert max(call.at for call in both) < min(call.ended_at for call in both)
+    async with anonymous.get("/_sim/stats") as response:
+        stats = await response.json()
+    assert stats["in_flight"] == 0
+    assert {"carrier_code": CARRIER, "tracking_number": "9400BOTH", "max_concurrent": 2} in (
+        stats["max_concurrent_per_package"]
+    )
+    async with anonymous.get("/_sim/calls") as response:
+        logged = await response.json()
+    assert {"at", "ended_at", "rate_limited", "http_status"} <= logged[0].keys()
+
+
+async def test_a_client_killed_mid_call_ends_its_call_with_499(
+    sim_server: TestServer, simulator: Simulator
+) -> None:
+    # TestServer always cancels a handler whose client went away (handler_cancellation).
+    simulator.script("9400KILLED", status=204, delay_s=3600)
+    url = sim_server.make_url("/v1/tracking/start").with_query(track_query("9400KILLED"))
+
+    await kill_mid_call(simulator, str(url))
+    await asyncio.wait_for(simulator.wait_for_calls(1), timeout=20)
+
+    assert simulator.in_flight == 0
+    [call] = simulator.calls
+    assert (call.path, call.http_status, call.rate_limited) == (
+        "/v1/tracking/start",
+        CANCELLED_STATUS,
+        False,
+    )
+    assert simulator.package(CARRIER, "9400KILLED") is None  # cancelled before it acted
+    assert simulator.max_concurrent_per_package() == {(CARRIER, "9400KILLED"): 1}
+
+
+async def test_without_handler_cancellation_a_killed_clients_call_is_answered_all_the_same() -> (
+    None
+):
+    # aiohttp's default, as `python -m service simulator` and the devstack serve it.
+    config = SimulatorConfig(api_key=API_KEY, pace_s=3600, public_url=PUBLIC_URL)
+    app = create_simulator_app(config)
+    simulator = app[SIMULATOR]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        simulator.script("9400KILLED", status=204, delay_s=0.3)
+        query = urlencode(track_query("9400KILLED"))
+
+        await kill_mid_call(simulator, f"http://{host}:{port}/v1/tracking/start?{query}")
+        await asyncio.wait_for(simulator.wait_for_calls(1), timeout=20)
+
+        assert simulator.in_flight == 0
+        [call] = simulator.calls
+        assert (call.http_status, call.rate_limited) == (204, False)
+        assert call.ended_at - call.at >= 0.3
+        assert simulator.package(CARRIER, "9400KILLED") is not None
+    finally:
+        await runner.cleanup()
+
+
 # -- reading tracking, webhook registrations --------------------------------------------------
 
 
@@ -608,6 +827,19 @@ async def test_reset_forgets_packages_scripts_calls_and_deliveries(
 # -- configuration ----------------------------------------------------------------------------
 
 
+def test_config_from_env_reads_the_rate_limit() -> None:
+    config = SimulatorConfig.from_env(
+        {"SIMULATOR_RATE_LIMIT_PER_MINUTE": "20", "SIMULATOR_RATE_LIMIT_WINDOW_S": "6"}
+    )
+    assert (config.rate_limit_per_minute, config.rate_limit_window_s) == (20, 6.0)
+    assert config.calls_per_rate_window == 2
+    assert SimulatorConfig.from_env({"SIMULATOR_RATE_LIMIT_PER_MINUTE": "0"}) == SimulatorConfig()
+    with pytest.raises(SettingsError, match=r"^SIMULATOR_RATE_LIMIT_PER_MINUTE: .*no call"):
+        SimulatorConfig.from_env(
+            {"SIMULATOR_RATE_LIMIT_PER_MINUTE": "30", "SIMULATOR_RATE_LIMIT_WINDOW_S": "1"}
+        )
+
+
 def test_config_from_env_reads_the_simulator_variables() -> None:
     config = SimulatorConfig.from_env(
         {"SIMULATOR_HOST": "localhost", "SIMULATOR_PORT": "9000", "SIMULATOR_PACE_S": "0.5"}
@@ -624,6 +856,8 @@ def test_config_from_env_reads_the_simulator_variables() -> None:
         ("SIMULATOR_PACE_S", "-1"),
         ("SIMULATOR_LATENCY_S", "soon"),
         ("SIMULATOR_PUBLIC_URL", "ftp://x"),
+        ("SIMULATOR_RATE_LIMIT_PER_MINUTE", "-1"),
+        ("SIMULATOR_RATE_LIMIT_WINDOW_S", "0"),
     ],
 )
 def test_config_from_env_names_the_bad_variable(name: str, value: str) -> None:

@@ -61,8 +61,8 @@ class NotFound(ApiError):
         return cls(ErrorDetail("validation", "not_found", f"{what} not found"))
 
 
-class ServiceUnavailable(ApiError):
-    status = 503
+class Conflict(ApiError):
+    status = 409
 
 
 def http_error_detail(status: int, reason: str) -> ErrorDetail:
@@ -70,6 +70,7 @@ def http_error_detail(status: int, reason: str) -> ErrorDetail:
     codes = {
         404: ("validation", "not_found"),
         405: ("validation", "method_not_allowed"),
+        409: ("business_rules", "invalid_status"),
         413: ("validation", "request_too_large"),
         415: ("validation", "unsupported_media_type"),
     }

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import sqlalchemy as sa
 from aiohttp import web
 
 from service.api.keys import ENGINE
+from service.db.dispatch import current_pause
 
 READINESS_TIMEOUT_S = 2.0
 
@@ -22,12 +22,21 @@ async def healthz(_: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when PostgreSQL answers; 503 otherwise, so traffic goes elsewhere."""
+    """Ready when PostgreSQL answers; 503 otherwise, so traffic goes elsewhere.
+
+    A dispatch pause is shown but does not make the API unready: it still takes subscriptions
+    and webhooks, which is exactly what must go on while ShipEngine refuses our calls.
+    """
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_S):
             async with request.app[ENGINE].connect() as conn:
-                await conn.execute(sa.text("SELECT 1"))
+                pause = await current_pause(conn)
     except Exception as error:  # any failure to reach the database means not ready
         body = {"status": "unavailable", "checks": {"database": f"{type(error).__name__}"}}
         return web.json_response(body, status=503)
-    return web.json_response({"status": "ready", "checks": {"database": "ok"}})
+    dispatch: dict[str, object] = {"paused": pause is not None}
+    if pause is not None:
+        dispatch |= {"kind": pause.kind, "until": pause.until.isoformat(), "reason": pause.reason}
+    return web.json_response(
+        {"status": "ready", "checks": {"database": "ok"}, "dispatch": dispatch}
+    )

@@ -15,7 +15,7 @@ from sqlalchemy.engine import RowMapping
 
 from service.api.errors import BadRequest, ErrorDetail, ValidationFailed
 from service.db.subscriptions import Cursor, NewSubscription
-from service.domain.subscriptions import SubscriptionState
+from service.domain.subscriptions import Operation, OutcomeKind, SubscriptionState
 
 METADATA_MAX_BYTES = 8 * 1024
 
@@ -100,6 +100,24 @@ class EventOut(BaseModel):
 
 class EventList(BaseModel):
     items: list[EventOut]
+
+
+class AttemptOut(BaseModel):
+    operation: Operation
+    attempt: int
+    started_at: datetime
+    latency_ms: float
+    outcome: OutcomeKind
+    http_status: int | None
+    request_id: str | None
+    error_code: str | None
+    errors: list[dict[str, Any]] | None
+    message: str | None
+    claim_lost: bool
+
+
+class AttemptList(BaseModel):
+    items: list[AttemptOut]
 
 
 class ListQuery(BaseModel):

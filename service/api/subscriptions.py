@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from pydantic import BaseModel
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api.body import read_json
-from service.api.errors import NotFound
+from service.api.errors import Conflict, ErrorDetail, NotFound
 from service.api.keys import ENGINE
 from service.api.schemas import (
+    AttemptList,
     EventList,
     ListQuery,
     SubscriptionIn,
@@ -66,13 +71,49 @@ async def get_subscription(request: web.Request) -> web.Response:
 
 @routes.get("/v1/subscriptions/{id}/events")
 async def list_events(request: web.Request) -> web.Response:
+    """The tracking events filed against it, newest first."""
+    return await _items_of_subscription(request, queries.list_events, EventList)
+
+
+@routes.get("/v1/subscriptions/{id}/attempts")
+async def list_attempts(request: web.Request) -> web.Response:
+    """Every ShipEngine call made for it, newest first: what happened when we tried."""
+    return await _items_of_subscription(request, queries.list_attempts, AttemptList)
+
+
+async def _items_of_subscription(
+    request: web.Request,
+    fetch: Callable[[AsyncConnection, uuid.UUID], Awaitable[list[RowMapping]]],
+    model: type[BaseModel],
+) -> web.Response:
     subscription_id = _subscription_id(request)
     async with request.app[ENGINE].connect() as conn:
         if await queries.get_subscription(conn, subscription_id) is None:
             raise NotFound.resource("subscription")
-        rows = await queries.list_events(conn, subscription_id)
-    events = EventList.model_validate({"items": [dict(row) for row in rows]})
-    return web.json_response(events.model_dump(mode="json"))
+        rows = await fetch(conn, subscription_id)
+    document = model.model_validate({"items": [dict(row) for row in rows]})
+    return web.json_response(document.model_dump(mode="json"))
+
+
+@routes.post("/v1/subscriptions/{id}/retry")
+async def retry_subscription(request: web.Request) -> web.Response:
+    """202: a failed subscription is pending again, its start due at once."""
+    subscription_id = _subscription_id(request)
+    async with request.app[ENGINE].begin() as conn:
+        row = await queries.retry_failed(conn, subscription_id)
+        if row is None:
+            current = await queries.get_subscription(conn, subscription_id)
+    if row is not None:
+        return web.json_response(subscription_json(row), status=202)
+    if current is None:
+        raise NotFound.resource("subscription")
+    raise Conflict(
+        ErrorDetail(
+            "business_rules",
+            "invalid_status",
+            f"only a failed subscription can be retried; this one is {current['state']}",
+        )
+    )
 
 
 @routes.delete("/v1/subscriptions/{id}")

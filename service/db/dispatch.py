@@ -1,30 +1,45 @@
-"""The dispatch queue: every statement that claims or fences subscriptions lives here.
+"""The dispatch queue: every statement that claims, fences or pauses dispatching lives here.
 
 A subscription has work when `next_attempt_at` is set; it is due when that time has passed.
 Claiming pushes `next_attempt_at` forward by a lease and stamps a fresh `claim_token`, so a
 dispatcher that dies mid-call loses nothing: once the lease runs out the row is due again and
 another dispatcher claims it, and the dead one's token no longer matches if it comes back.
+
+What all dispatchers of all instances share, the account's rate budget and pauses, lives in
+the single `dispatch_control` row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.tables import subscriptions
+from service.db.tables import dispatch_attempts, dispatch_control, subscriptions
 from service.domain.subscriptions import (
     CallOutcome,
     Operation,
+    OutcomeKind,
+    RetryPolicy,
     SubscriptionState,
     Transition,
     transition,
 )
 
 DISPATCH_CHANNEL = "dispatch_due"
+# The bucket holds at most this many seconds of budget (and at least one call), so an idle
+# spell allows only a small burst.
+BURST_S = 0.05
+# A 429 without Retry-After still pauses everyone, for this long.
+DEFAULT_RETRY_AFTER_S = 10.0
+# While paused for the account, how often the other dispatchers look whether it is over.
+PAUSE_RECHECK_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +53,46 @@ class Claim:
     attempt: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the account allows: calls a minute (0: unlimited), and how to probe when refused."""
+
+    rate_per_minute: int
+    account_probe_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimRound:
+    claims: list[Claim]
+    held_for_s: float | None = None  # set when a pause or the budget held claiming back
+
+
+@dataclasses.dataclass(frozen=True)
+class CallResult:
+    """A finished call, waiting to be recorded."""
+
+    claim: Claim
+    outcome: CallOutcome
+    started_at: datetime
+    latency_ms: float
+    retry_in_s: float  # the backoff drawn for it, used if it is to be retried
+
+
+@dataclasses.dataclass(frozen=True)
+class Pause:
+    until: datetime
+    kind: str
+    reason: dict[str, Any] | None
+
+
 async def claim_due(
-    conn: AsyncConnection, *, limit: int, lease_s: float, due_by: datetime | None = None
-) -> list[Claim]:
+    conn: AsyncConnection,
+    *,
+    limit: int,
+    lease_s: float,
+    budget: Budget,
+    due_by: datetime | None = None,
+) -> ClaimRound:
     """Claim up to `limit` subscriptions due by `due_by` (default: now), oldest due first.
 
     Safe with any number of dispatchers: SKIP LOCKED makes concurrent claimers pass over rows
@@ -48,11 +100,14 @@ async def claim_due(
     committed claim is not due for anyone else until its lease expires. Expired leases are
     simply due rows, taken back by the same statement.
     """
+    allowed, held_for_s = await _admit(conn, limit, budget)
+    if allowed == 0:
+        return ClaimRound([], held_for_s)
     due = (
         sa.select(subscriptions.c.id)
         .where(subscriptions.c.next_attempt_at <= (due_by or sa.func.now()))
         .order_by(subscriptions.c.next_attempt_at)
-        .limit(limit)
+        .limit(allowed)
         .with_for_update(skip_locked=True)
         .cte("due")
     )
@@ -75,75 +130,283 @@ async def claim_due(
         )
     )
     rows = (await conn.execute(claim)).all()
-    return [
-        Claim(
-            subscription_id=row.id,
-            claim_token=row.claim_token,
-            operation=Operation.for_state(SubscriptionState(row.state)),
-            carrier_code=row.carrier_code,
-            tracking_number=row.tracking_number,
-            carrier_id=row.carrier_id,
-            attempt=row.attempts,
-        )
-        for row in rows
-    ]
-
-
-async def record_outcome(
-    conn: AsyncConnection, claim: Claim, outcome: CallOutcome, retry_in_s: float
-) -> Transition | None:
-    """Apply a call's outcome if the claim still holds; None if it was lost (lease expired).
-
-    The row is locked while its current state is read, so a cancel committed during the call
-    is seen and the transition honours it.
-    """
-    current = (
+    if rows and budget.rate_per_minute:
         await conn.execute(
-            sa.select(subscriptions.c.state)
-            .where(
-                subscriptions.c.id == claim.subscription_id,
-                subscriptions.c.claim_token == claim.claim_token,
+            sa.update(dispatch_control).values(tokens=dispatch_control.c.tokens - len(rows))
+        )
+    return ClaimRound(
+        [
+            Claim(
+                subscription_id=row.id,
+                claim_token=row.claim_token,
+                operation=Operation.for_state(SubscriptionState(row.state)),
+                carrier_code=row.carrier_code,
+                tracking_number=row.tracking_number,
+                carrier_id=row.carrier_id,
+                attempt=row.attempts,
             )
-            .with_for_update()
-        )
-    ).scalar_one_or_none()
-    if current is None:
-        return None
-    moved = transition(SubscriptionState(current), claim.operation, outcome, retry_in_s)
-    due_at = (
-        None if moved.retry_in_s is None else sa.func.now() + timedelta(seconds=moved.retry_in_s)
+            for row in rows
+        ]
     )
-    await conn.execute(
-        sa.update(subscriptions)
-        .where(subscriptions.c.id == claim.subscription_id)
-        .values(
-            state=moved.state.value,
-            claim_token=None,
-            next_attempt_at=due_at,
-            # Retries of the same call count up for backoff; a new call starts from zero.
-            attempts=subscriptions.c.attempts if moved.state.value == current else 0,
-            last_error=moved.last_error,
-            updated_at=sa.func.now(),
-        )
-    )
-    return moved
 
 
-async def release(conn: AsyncConnection, claims: list[Claim]) -> None:
-    """Give back claims whose call was abandoned (shutdown): due again at once, attempt unspent."""
-    for claim in claims:
+async def _admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int, float | None]:
+    """How many calls this claim may make now, or how long to hold off."""
+    control = (
         await conn.execute(
-            sa.update(subscriptions)
+            sa.select(
+                dispatch_control.c.pause_kind,
+                sa.func.extract(
+                    "epoch", dispatch_control.c.paused_until - sa.func.clock_timestamp()
+                ),
+            )
+        )
+    ).one()
+    kind, paused_for_s = control[0], None if control[1] is None else float(control[1])
+    if paused_for_s is not None and paused_for_s > 0:
+        return 0, paused_for_s
+    if kind == "account":
+        # The account was refused: after each probe interval one claimer, and one call, finds
+        # out whether it is fixed. The UPDATE's row lock picks exactly one prober.
+        probe = await conn.execute(
+            sa.update(dispatch_control)
             .where(
-                subscriptions.c.id == claim.subscription_id,
-                subscriptions.c.claim_token == claim.claim_token,
+                dispatch_control.c.pause_kind == "account",
+                dispatch_control.c.paused_until <= sa.func.clock_timestamp(),
             )
             .values(
-                claim_token=None,
-                next_attempt_at=sa.func.now(),
-                attempts=sa.func.greatest(subscriptions.c.attempts - 1, 0),
+                paused_until=sa.func.clock_timestamp() + timedelta(seconds=budget.account_probe_s)
+            )
+            .returning(dispatch_control.c.id)
+        )
+        if probe.first() is None:
+            return 0, PAUSE_RECHECK_S
+        limit = 1
+    if not budget.rate_per_minute:
+        return limit, None
+    return await _take_tokens(conn, limit, budget.rate_per_minute)
+
+
+def bucket_shape(rate_per_minute: int) -> tuple[float, float]:
+    """(capacity, refill per second) so that no 60-second window holds more than the rate.
+
+    A bucket lets through at most capacity + refill * window calls in any window; refilling
+    at (rate - capacity) / 60 keeps a whole minute at or under the account's limit.
+    """
+    capacity = max(1.0, rate_per_minute / 60.0 * BURST_S)
+    return capacity, max(rate_per_minute - capacity, 1.0) / 60.0
+
+
+async def _take_tokens(
+    conn: AsyncConnection, limit: int, rate_per_minute: int
+) -> tuple[int, float | None]:
+    """Refill the shared bucket for the time passed and see how many whole calls it holds.
+
+    The UPDATE locks the one row until the claim commits, so concurrent claimers, in this
+    process or any other, take their tokens one after another and never spend the same ones.
+    """
+    capacity, rate_s = bucket_shape(rate_per_minute)
+    elapsed_s = sa.func.greatest(
+        0, sa.func.extract("epoch", sa.func.clock_timestamp() - dispatch_control.c.refilled_at)
+    )
+    tokens = (
+        await conn.execute(
+            sa.update(dispatch_control)
+            .values(
+                tokens=sa.func.least(capacity, dispatch_control.c.tokens + elapsed_s * rate_s),
+                refilled_at=sa.func.clock_timestamp(),
+            )
+            .returning(dispatch_control.c.tokens)
+        )
+    ).scalar_one()
+    whole = min(limit, math.floor(tokens))
+    if whole <= 0:
+        return 0, (1.0 - tokens) / rate_s
+    return whole, None
+
+
+async def record_outcomes(
+    conn: AsyncConnection,
+    results: Sequence[CallResult],
+    *,
+    policy: RetryPolicy,
+    budget: Budget,
+) -> list[Transition | None]:
+    """Apply finished calls whose claims still hold; None for those whose lease was lost.
+
+    The rows are locked (in id order, so concurrent batches cannot deadlock) while their
+    current state is read, so a cancel committed during a call is seen and honoured. Every
+    call is kept in `dispatch_attempts`, applied or not.
+    """
+    ids = sorted({result.claim.subscription_id for result in results})
+    locked = (
+        await conn.execute(
+            sa.select(subscriptions.c.id, subscriptions.c.claim_token, subscriptions.c.state)
+            .where(subscriptions.c.id.in_(ids))
+            .order_by(subscriptions.c.id)
+            .with_for_update()
+        )
+    ).all()
+    current = {(row.id, row.claim_token): SubscriptionState(row.state) for row in locked}
+    moves: list[Transition | None] = []
+    updates: list[dict[str, Any]] = []
+    for result in results:
+        claim = result.claim
+        state_now = current.get((claim.subscription_id, claim.claim_token))
+        if state_now is None:
+            moves.append(None)
+            continue
+        moved = transition(
+            state_now,
+            claim.operation,
+            result.outcome,
+            attempt=claim.attempt,
+            retry_in_s=result.retry_in_s,
+            paused_for_s=_pause_s(result.outcome, budget),
+            policy=policy,
+        )
+        moves.append(moved)
+        updates.append(_row_update(claim, moved))
+    if updates:
+        await conn.execute(_APPLY, updates)
+    await conn.execute(
+        sa.insert(dispatch_attempts),
+        [_attempt_row(result, move is None) for result, move in zip(results, moves, strict=True)],
+    )
+    await _update_pause(conn, results, budget)
+    return moves
+
+
+_APPLY = (
+    sa.update(subscriptions)
+    .where(subscriptions.c.id == sa.bindparam("b_id"))
+    .values(
+        state=sa.bindparam("b_state"),
+        claim_token=None,
+        # now() + NULL is NULL: no call due.
+        next_attempt_at=sa.func.now() + sa.bindparam("b_due_in", type_=sa.Interval()),
+        attempts=sa.bindparam("b_attempts"),
+        last_error=sa.bindparam("b_last_error", type_=subscriptions.c.last_error.type),
+        updated_at=sa.func.now(),
+    )
+)
+
+
+def _row_update(claim: Claim, moved: Transition) -> dict[str, Any]:
+    still_due = moved.retry_in_s is not None
+    same_call = still_due and Operation.for_state(moved.state) is claim.operation
+    # Retries of the same call count up for backoff and giving up; a new call starts at zero.
+    attempts = (claim.attempt if moved.attempt_spent else claim.attempt - 1) if same_call else 0
+    return {
+        "b_id": claim.subscription_id,
+        "b_state": moved.state.value,
+        "b_due_in": timedelta(seconds=moved.retry_in_s) if moved.retry_in_s is not None else None,
+        "b_attempts": attempts,
+        "b_last_error": moved.last_error,
+    }
+
+
+def _attempt_row(result: CallResult, claim_lost: bool) -> dict[str, Any]:
+    outcome = result.outcome
+    return {
+        "subscription_id": result.claim.subscription_id,
+        "operation": result.claim.operation.value,
+        "attempt": result.claim.attempt,
+        "started_at": result.started_at,
+        "latency_ms": result.latency_ms,
+        "outcome": outcome.kind.value,
+        "http_status": outcome.http_status,
+        "request_id": outcome.request_id,
+        "error_code": outcome.error_code,
+        "errors": outcome.errors or None,
+        "message": outcome.message,
+        "claim_lost": claim_lost,
+    }
+
+
+def _pause_s(outcome: CallOutcome, budget: Budget) -> float:
+    if outcome.kind is OutcomeKind.RATE_LIMITED:
+        return outcome.retry_after_s if outcome.retry_after_s is not None else DEFAULT_RETRY_AFTER_S
+    return budget.account_probe_s
+
+
+async def _update_pause(
+    conn: AsyncConnection, results: Sequence[CallResult], budget: Budget
+) -> None:
+    """A 429 pauses everyone for its Retry-After; an account refusal until a probe passes."""
+    kinds = {result.outcome.kind for result in results}
+    refused = [r for r in results if r.outcome.kind is OutcomeKind.ACCOUNT]
+    if refused:
+        outcome = refused[-1].outcome
+        await _pause(
+            conn, "account", budget.account_probe_s, outcome.as_error(refused[-1].claim.operation)
+        )
+    elif kinds & {OutcomeKind.ACCEPTED, OutcomeKind.REJECTED}:
+        # ShipEngine judged a package: the account works again.
+        await conn.execute(
+            sa.update(dispatch_control)
+            .where(dispatch_control.c.pause_kind == "account")
+            .values(paused_until=None, pause_kind=None, pause_reason=None)
+        )
+    limited = [r for r in results if r.outcome.kind is OutcomeKind.RATE_LIMITED]
+    if limited:
+        longest = max(limited, key=lambda r: _pause_s(r.outcome, budget))
+        reason = longest.outcome.as_error(longest.claim.operation)
+        await _pause(conn, "rate_limit", _pause_s(longest.outcome, budget), reason)
+
+
+async def _pause(conn: AsyncConnection, kind: str, seconds: float, reason: dict[str, Any]) -> None:
+    until = sa.func.clock_timestamp() + timedelta(seconds=seconds)
+    new_reason = sa.cast(reason, dispatch_control.c.pause_reason.type)
+    is_account = dispatch_control.c.pause_kind == "account"
+    await conn.execute(
+        sa.update(dispatch_control).values(
+            # Only ever lengthened: several dispatchers hit by the same 429 pause once.
+            paused_until=sa.func.greatest(dispatch_control.c.paused_until, until),
+            # An account pause is the stronger one; a 429 neither ends nor explains it.
+            pause_kind=kind if kind == "account" else sa.case((is_account, "account"), else_=kind),
+            pause_reason=new_reason
+            if kind == "account"
+            else sa.case((is_account, dispatch_control.c.pause_reason), else_=new_reason),
+        )
+    )
+
+
+async def current_pause(conn: AsyncConnection) -> Pause | None:
+    """The pause in force, if any (an account pause stays in force between probes)."""
+    row = (
+        await conn.execute(
+            sa.select(
+                dispatch_control.c.paused_until,
+                dispatch_control.c.pause_kind,
+                dispatch_control.c.pause_reason,
+                sa.func.clock_timestamp(),
             )
         )
+    ).one()
+    until, kind, reason, now = row
+    if kind is None or until is None or (kind != "account" and until <= now):
+        return None
+    return Pause(until=until, kind=kind, reason=reason)
+
+
+async def release(conn: AsyncConnection, claims: Sequence[Claim]) -> None:
+    """Give back claims whose call was abandoned (shutdown): due again at once, attempt unspent."""
+    if not claims:
+        return
+    await conn.execute(
+        sa.update(subscriptions)
+        .where(
+            subscriptions.c.id == sa.bindparam("b_id"),
+            subscriptions.c.claim_token == sa.bindparam("b_token"),
+        )
+        .values(
+            claim_token=None,
+            next_attempt_at=sa.func.now(),
+            attempts=sa.func.greatest(subscriptions.c.attempts - 1, 0),
+        ),
+        [{"b_id": claim.subscription_id, "b_token": claim.claim_token} for claim in claims],
+    )
 
 
 async def database_now(conn: AsyncConnection) -> datetime:

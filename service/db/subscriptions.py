@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.tables import subscriptions, tracking_events
+from service.db.tables import dispatch_attempts, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
 
 LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
@@ -159,3 +159,35 @@ async def list_events(conn: AsyncConnection, subscription_id: uuid.UUID) -> list
         .order_by(tracking_events.c.occurred_at.desc().nulls_last(), tracking_events.c.id.desc())
     )
     return list((await conn.execute(query)).mappings())
+
+
+async def list_attempts(conn: AsyncConnection, subscription_id: uuid.UUID) -> list[RowMapping]:
+    query = (
+        sa.select(dispatch_attempts)
+        .where(dispatch_attempts.c.subscription_id == subscription_id)
+        .order_by(dispatch_attempts.c.id.desc())
+    )
+    return list((await conn.execute(query)).mappings())
+
+
+async def retry_failed(conn: AsyncConnection, subscription_id: uuid.UUID) -> RowMapping | None:
+    """Put a failed subscription back to `pending` with its start due now and a fresh count.
+
+    Returns None when there is no failed subscription with that id; `last_error` stays until
+    the next call's outcome replaces it.
+    """
+    update = (
+        sa.update(subscriptions)
+        .where(
+            subscriptions.c.id == subscription_id,
+            subscriptions.c.state == SubscriptionState.FAILED.value,
+        )
+        .values(
+            state=SubscriptionState.PENDING.value,
+            attempts=0,
+            next_attempt_at=sa.func.now(),
+            updated_at=sa.func.now(),
+        )
+        .returning(*PUBLIC_COLUMNS)
+    )
+    return (await conn.execute(update)).mappings().first()

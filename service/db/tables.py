@@ -148,3 +148,52 @@ sa.Index(
     tracking_events.c.occurred_at.desc().nulls_last(),
     tracking_events.c.id.desc(),
 )
+
+# Every ShipEngine call a dispatcher made, with what came of it: the answer to "what happened
+# when we tried?" (GET /v1/subscriptions/{id}/attempts).
+dispatch_attempts = sa.Table(
+    "dispatch_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "subscription_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("operation", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    _timestamp("started_at", nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("http_status", sa.Integer),
+    sa.Column("request_id", sa.Text),
+    sa.Column("error_code", sa.Text),
+    sa.Column("errors", pg.JSONB(none_as_null=True)),
+    sa.Column("message", sa.Text),
+    # The claim had expired when the outcome came back: another dispatcher owns the row now,
+    # so this outcome was kept here but not applied.
+    sa.Column("claim_lost", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+sa.Index(
+    "ix_dispatch_attempts_subscription",
+    dispatch_attempts.c.subscription_id,
+    dispatch_attempts.c.id.desc(),
+)
+
+# One row: what every dispatcher of every instance shares. The rate budget is a token bucket
+# (tokens refill at the account's rate); a pause stops all claiming until `paused_until`.
+dispatch_control = sa.Table(
+    "dispatch_control",
+    metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True, server_default=sa.text("1")),
+    sa.Column("tokens", sa.Float, nullable=False, server_default=sa.text("0")),
+    sa.Column(
+        "refilled_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    _timestamp("paused_until"),
+    sa.Column("pause_kind", sa.Text),
+    sa.Column("pause_reason", pg.JSONB(none_as_null=True)),
+    sa.CheckConstraint("id = 1", name="single_row"),
+    sa.CheckConstraint("pause_kind IN ('rate_limit', 'account')", name="pause_kind"),
+)

@@ -13,6 +13,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.keys import ENGINE, SETTINGS
+from service.db.dispatch import Budget
 from service.db.engine import create_engine
 from service.dispatcher.worker import Dispatcher
 from service.domain.subscriptions import RetryPolicy
@@ -45,8 +46,15 @@ def build_dispatcher(
         concurrency=settings.dispatch_concurrency,
         lease_s=settings.dispatch_lease_s,
         poll_interval_s=settings.dispatch_poll_interval_s,
+        shutdown_grace_s=settings.dispatch_shutdown_grace_s,
         retry_policy=RetryPolicy(
-            base_s=settings.dispatch_retry_base_s, cap_s=settings.dispatch_retry_max_s
+            base_s=settings.dispatch_retry_base_s,
+            cap_s=settings.dispatch_retry_max_s,
+            max_attempts=settings.dispatch_max_attempts,
+        ),
+        budget=Budget(
+            rate_per_minute=settings.shipengine_rate_limit_per_minute,
+            account_probe_s=settings.dispatch_account_probe_s,
         ),
     )
 

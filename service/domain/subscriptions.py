@@ -31,9 +31,17 @@ class Operation(enum.StrEnum):
 
 
 class OutcomeKind(enum.StrEnum):
-    ACCEPTED = "accepted"  # 204: ShipEngine did it
-    REJECTED = "rejected"  # ShipEngine refused this package for good
-    TRANSIENT = "transient"  # try again later: our key, rate limit, 5xx, network
+    """What a ShipEngine answer means, which decides what happens next."""
+
+    ACCEPTED = "accepted"  # 2xx: ShipEngine did it
+    REJECTED = "rejected"  # the package's fault: ShipEngine refuses it for good
+    ACCOUNT = "account"  # our account's fault: no package fails, all dispatching pauses
+    RATE_LIMITED = "rate_limited"  # 429: all dispatching pauses for Retry-After
+    TRANSIENT = "transient"  # 5xx, timeouts, resets, garbage: retry this one later
+
+    @property
+    def pauses_dispatch(self) -> bool:
+        return self in (OutcomeKind.ACCOUNT, OutcomeKind.RATE_LIMITED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +54,12 @@ class CallOutcome:
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     retry_after_s: float | None = None
     message: str | None = None  # for failures with no ShipEngine body (timeouts, resets)
+
+    @property
+    def error_code(self) -> str | None:
+        """The first error's code, for counting and grouping."""
+        code = self.errors[0].get("error_code") if self.errors else None
+        return code if isinstance(code, str) else None
 
     def as_error(self, operation: Operation) -> dict[str, Any]:
         """The `last_error` document: ShipEngine's own words, as it sent them."""
@@ -67,43 +81,55 @@ class Transition:
     state: SubscriptionState
     retry_in_s: float | None  # None: no call is due; 0: due at once
     last_error: dict[str, Any] | None
+    attempt_spent: bool = True  # False: the call says nothing of the package (pauses)
 
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     base_s: float
     cap_s: float
+    max_attempts: int
 
-    def delay_s(self, attempt: int, outcome: CallOutcome, rng: random.Random) -> float:
-        """Exponential backoff with full jitter; ShipEngine's Retry-After wins when longer."""
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """Exponential backoff with full jitter, so retries of many rows spread out."""
         ceiling = min(self.cap_s, self.base_s * 2 ** max(attempt - 1, 0))
-        jittered = rng.uniform(0, ceiling)
-        if outcome.retry_after_s is not None:
-            return max(outcome.retry_after_s, jittered)
-        return jittered
+        return rng.uniform(0, ceiling)
+
+    def gives_up(self, attempt: int) -> bool:
+        return attempt >= self.max_attempts
 
 
 def transition(
     state_now: SubscriptionState,
     operation: Operation,
     outcome: CallOutcome,
+    *,
+    attempt: int,
     retry_in_s: float,
+    paused_for_s: float,
+    policy: RetryPolicy,
 ) -> Transition:
     """The new state of a subscription whose `operation` call ended in `outcome`.
 
     `state_now` is read under the row lock when the outcome is recorded, so a cancel that
     arrived while a start was in flight is seen here and wins: the stop is due at once.
+    `retry_in_s` is the backoff drawn for this attempt; `paused_for_s` how long dispatching as
+    a whole is paused (a 429's Retry-After, an account problem's probe interval).
     """
     error = None if outcome.kind is OutcomeKind.ACCEPTED else outcome.as_error(operation)
+    pending = (
+        SubscriptionState.PENDING if operation is Operation.START else SubscriptionState.STOPPING
+    )
     if operation is Operation.START and state_now is SubscriptionState.STOPPING:
-        return Transition(SubscriptionState.STOPPING, 0.0, error)
-    if operation is Operation.START:
-        if outcome.kind is OutcomeKind.ACCEPTED:
-            return Transition(SubscriptionState.ACTIVE, None, None)
-        if outcome.kind is OutcomeKind.REJECTED:
-            return Transition(SubscriptionState.FAILED, None, error)
-        return Transition(SubscriptionState.PENDING, retry_in_s, error)
-    # A stop that ShipEngine refuses for good leaves nothing tracked: the caller's wish holds.
-    if outcome.kind is OutcomeKind.TRANSIENT:
-        return Transition(SubscriptionState.STOPPING, retry_in_s, error)
-    return Transition(SubscriptionState.STOPPED, None, error)
+        return Transition(SubscriptionState.STOPPING, 0.0, error, attempt_spent=False)
+    if outcome.kind.pauses_dispatch:
+        # The package is not at fault: it waits for the pause without spending an attempt.
+        return Transition(pending, paused_for_s, error, attempt_spent=False)
+    if outcome.kind is OutcomeKind.TRANSIENT and not policy.gives_up(attempt):
+        return Transition(pending, retry_in_s, error)
+    if operation is Operation.STOP:
+        # Stopped or refused for good, or given up: nothing more we can do; the wish holds.
+        return Transition(SubscriptionState.STOPPED, None, error)
+    if outcome.kind is OutcomeKind.ACCEPTED:
+        return Transition(SubscriptionState.ACTIVE, None, None)
+    return Transition(SubscriptionState.FAILED, None, error)

@@ -12,10 +12,7 @@ from typing import Any
 import aiohttp
 
 from service.domain.subscriptions import CallOutcome, Operation, OutcomeKind
-
-# Our account's problem, not the package's: retried, never a reason to fail a subscription.
-ACCOUNT_STATUSES = frozenset({401, 403})
-RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+from service.shipengine.classification import classify_errors
 
 
 class ShipEngineClient:
@@ -68,17 +65,18 @@ def classify(status: int, body: bytes, retry_after: str | None) -> CallOutcome:
     document = _error_document(body)
     retry_after_s = _retry_after_s(retry_after)
     if document is None:
-        # No ShipEngine error body: a gateway or proxy answered, not ShipEngine. Try again.
+        # No ShipEngine error body: a gateway or proxy answered, not ShipEngine. Only what the
+        # status says for certain counts; anything else is tried again.
+        kind = classify_errors(status, []) if status in (401, 403, 429) else OutcomeKind.TRANSIENT
         return CallOutcome(
-            OutcomeKind.TRANSIENT,
+            kind,
             http_status=status,
             retry_after_s=retry_after_s,
             message=f"HTTP {status} without ShipEngine's error body",
         )
     request_id, errors = document
-    permanent = 400 <= status < 500 and status not in ACCOUNT_STATUSES | RETRYABLE_STATUSES
     return CallOutcome(
-        OutcomeKind.REJECTED if permanent else OutcomeKind.TRANSIENT,
+        classify_errors(status, errors),
         http_status=status,
         request_id=request_id,
         errors=errors,

@@ -7,11 +7,19 @@ demos run it with `python -m service.simulator`.
 from service.simulator.app import create_simulator_app
 from service.simulator.appkeys import SIMULATOR
 from service.simulator.config import SimulatorConfig
-from service.simulator.records import CallRecord, DeliveryRecord, LifecycleOptions, Script, Webhook
+from service.simulator.records import (
+    CANCELLED_STATUS,
+    CallRecord,
+    DeliveryRecord,
+    LifecycleOptions,
+    Script,
+    Webhook,
+)
 from service.simulator.signing import SigningKeys
 from service.simulator.simulator import Package, Simulator
 
 __all__ = [
+    "CANCELLED_STATUS",
     "SIMULATOR",
     "CallRecord",
     "DeliveryRecord",

@@ -21,6 +21,8 @@ def _config_json(config: SimulatorConfig) -> dict[str, Any]:
         "delivery_attempts": config.delivery_attempts,
         "delivery_timeout_s": config.delivery_timeout_s,
         "public_url": config.public_url,
+        "rate_limit_per_minute": config.rate_limit_per_minute,
+        "rate_limit_window_s": config.rate_limit_window_s,
     }
 
 
@@ -103,10 +105,29 @@ async def set_config(request: web.Request) -> web.Response:
             latency_s=parsing.optional_number(data, "latency_s"),
             delivery_retry_s=parsing.optional_number(data, "delivery_retry_s"),
             delivery_attempts=parsing.optional_int(data, "delivery_attempts"),
+            rate_limit_per_minute=parsing.optional_int(data, "rate_limit_per_minute"),
+            rate_limit_window_s=parsing.optional_number(data, "rate_limit_window_s"),
         )
     except ValueError as error:
         raise errors.invalid_field("body", str(error)) from None
     return web.json_response(_config_json(config))
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    """Live counters, for out-of-process tests that cannot await the Python API."""
+    simulator = request.app[SIMULATOR]
+    peaks = simulator.max_concurrent_per_package()
+    return web.json_response(
+        {
+            "in_flight": simulator.in_flight,
+            "calls": len(simulator.calls),
+            "rate_limited": simulator.rate_limited_calls,
+            "max_concurrent_per_package": [
+                {"carrier_code": carrier, "tracking_number": number, "max_concurrent": peak}
+                for (carrier, number), peak in peaks.items()
+            ],
+        }
+    )
 
 
 async def rotate_key(request: web.Request) -> web.Response:
@@ -125,4 +146,5 @@ def add_routes(app: web.Application) -> None:
     router.add_post("/_sim/reset", reset)
     router.add_get("/_sim/config", get_config)
     router.add_post("/_sim/config", set_config)
+    router.add_get("/_sim/stats", get_stats)
     router.add_post("/_sim/rotate-key", rotate_key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,10 +12,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.simulator import admin, api, errors
-from service.simulator.appkeys import SIMULATOR
+from service.simulator.appkeys import RATE_LIMITED, SIMULATOR
+from service.simulator.calllog import CallArrival
 from service.simulator.config import SimulatorConfig
 from service.simulator.errors import ApiError
-from service.simulator.records import CallRecord
+from service.simulator.records import CANCELLED_STATUS
 from service.simulator.simulator import Simulator
 
 __all__ = ["SIMULATOR", "create_simulator_app"]
@@ -44,16 +44,36 @@ def _from_http_exception(error: web.HTTPException) -> ApiError:
     )
 
 
+def _status_of_failure(error: BaseException) -> int:
+    """The status of a call whose handler raised instead of answering."""
+    if isinstance(error, asyncio.CancelledError):
+        return CANCELLED_STATUS
+    if isinstance(error, web.HTTPException):
+        return error.status
+    return 500
+
+
 @web.middleware
 async def _record_calls(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: the call log holds the status the client really got."""
+    """Outermost: the call is in flight from arrival to answer, then logged as answered."""
     if not _is_api(request):
         return await handler(request)
-    at = time.time()
-    response = await handler(request)
-    call = CallRecord(at, request.method, request.path, dict(request.query), response.status)
-    request.app[SIMULATOR].calls.append(call)
+    arrival = request.app[SIMULATOR].call_arrived(request.method, request.path, dict(request.query))
+    try:
+        response = await handler(request)
+    except BaseException as error:
+        # Most often a cancellation: the client went away mid-call (a killed dispatcher)
+        # and the server cancels handlers on disconnect, or the simulator is shutting down.
+        # The call must still leave the in-flight count and reach the log.
+        _log_answer(request, arrival, _status_of_failure(error))
+        raise
+    _log_answer(request, arrival, response.status)
     return response
+
+
+def _log_answer(request: web.Request, arrival: CallArrival, http_status: int) -> None:
+    rate_limited = request.get(RATE_LIMITED, False)
+    request.app[SIMULATOR].call_answered(arrival, http_status, rate_limited=rate_limited)
 
 
 @web.middleware
@@ -90,6 +110,17 @@ async def _check_api_key(request: web.Request, handler: Handler) -> web.StreamRe
     return await handler(request)
 
 
+@web.middleware
+async def _enforce_rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Inside the key check: only authenticated calls count, as on ShipEngine's accounts."""
+    if _is_api(request):
+        retry_after_s = request.app[SIMULATOR].admit_call()
+        if retry_after_s is not None:
+            request[RATE_LIMITED] = True
+            raise errors.rate_limited(retry_after_s)
+    return await handler(request)
+
+
 async def _delivery_session(app: web.Application) -> AsyncIterator[None]:
     """Owns the client session of deliveries; on shutdown, ends every background task first."""
     simulator = app[SIMULATOR]
@@ -105,7 +136,13 @@ async def _delivery_session(app: web.Application) -> AsyncIterator[None]:
 def create_simulator_app(config: SimulatorConfig) -> web.Application:
     # Outermost first: the call log sees latency and errors as the client does.
     app = web.Application(
-        middlewares=[_record_calls, _add_latency, _render_errors, _check_api_key],
+        middlewares=[
+            _record_calls,
+            _add_latency,
+            _render_errors,
+            _check_api_key,
+            _enforce_rate_limit,
+        ],
     )
     app[SIMULATOR] = Simulator(config)
     api.add_routes(app)

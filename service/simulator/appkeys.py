@@ -7,3 +7,6 @@ from aiohttp import web
 from service.simulator.simulator import Simulator
 
 SIMULATOR: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)
+
+RATE_LIMITED: web.RequestKey[bool] = web.RequestKey("simulator_rate_limited", bool)
+"""Set on a /v1 request the rate limit refused, so its call record can say so."""

@@ -8,13 +8,16 @@ from typing import TypeVar
 
 from service.settings import (
     EnvReader,
+    SettingsError,
     http_url,
+    integer,
     non_negative_float,
     port_number,
     positive_float,
     positive_int,
     text,
 )
+from service.simulator.ratelimit import calls_per_window
 
 T = TypeVar("T")
 
@@ -39,12 +42,34 @@ class SimulatorConfig:
     """SIMULATOR_HOST: address the simulator listens on."""
     port: int = 8090
     """SIMULATOR_PORT: port the simulator listens on."""
+    rate_limit_per_minute: int | None = None
+    """SIMULATOR_RATE_LIMIT_PER_MINUTE: authenticated /v1 calls allowed per minute, all endpoints
+    together (ShipEngine: 200, sandbox 20); None (env: 0 or unset) for no limit."""
+    rate_limit_window_s: float = 60.0
+    """SIMULATOR_RATE_LIMIT_WINDOW_S: the sliding window; shorter windows scale the limit down,
+    to at most `rate_limit_per_minute * rate_limit_window_s / 60` calls in any window."""
+
+    def __post_init__(self) -> None:
+        check_rate_limit(self.rate_limit_per_minute, self.rate_limit_window_s)
+
+    @property
+    def calls_per_rate_window(self) -> int | None:
+        """Calls admitted in any `rate_limit_window_s` seconds; None without a limit."""
+        if self.rate_limit_per_minute is None:
+            return None
+        return calls_per_window(self.rate_limit_per_minute, self.rate_limit_window_s)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SimulatorConfig:
         read = EnvReader(env).optional
         host = read("SIMULATOR_HOST", text, cls.host)
         port = read("SIMULATOR_PORT", port_number, cls.port)
+        per_minute = read("SIMULATOR_RATE_LIMIT_PER_MINUTE", non_negative_int, 0) or None
+        window_s = read("SIMULATOR_RATE_LIMIT_WINDOW_S", positive_float, cls.rate_limit_window_s)
+        try:
+            check_rate_limit(per_minute, window_s)
+        except ValueError as error:
+            raise SettingsError(f"SIMULATOR_RATE_LIMIT_PER_MINUTE: {error}") from None
         return cls(
             api_key=read("SIMULATOR_API_KEY", text, cls.api_key),
             pace_s=read("SIMULATOR_PACE_S", non_negative_float, cls.pace_s),
@@ -61,4 +86,29 @@ class SimulatorConfig:
             public_url=read("SIMULATOR_PUBLIC_URL", http_url, f"http://{host}:{port}"),
             host=host,
             port=port,
+            rate_limit_per_minute=per_minute,
+            rate_limit_window_s=window_s,
         )
+
+
+def check_rate_limit(per_minute: int | None, window_s: float) -> None:
+    """Raise ValueError unless the limit lets at least one call through per window."""
+    if not 0 < window_s < float("inf"):
+        raise ValueError(f"rate_limit_window_s must be a finite positive number, got {window_s}")
+    if per_minute is None:
+        return
+    if per_minute < 1:
+        raise ValueError(f"rate_limit_per_minute must be 1 or more, got {per_minute}")
+    # A window too short for one call would refuse everything: surely a mistake.
+    if calls_per_window(per_minute, window_s) < 1:
+        raise ValueError(
+            f"{per_minute} calls per minute allow no call in a {window_s} s window; "
+            "raise the limit or lengthen the window"
+        )
+
+
+def non_negative_int(raw: str) -> int:
+    value = integer(raw)
+    if value < 0:
+        raise ValueError(f"must be zero or more, got {raw!r}")
+    return value

@@ -13,9 +13,15 @@ Operation = Literal["start", "stop", "get"]
 OPERATIONS: tuple[Operation, ...] = ("start", "stop", "get")
 
 
+CANCELLED_STATUS = 499
+"""`http_status` of a call whose handler was cancelled before answering (nginx's "client closed
+request"): its client went away while the server cancels handlers on disconnect (aiohttp's
+`handler_cancellation`, which `TestServer` always turns on), or the simulator shut down."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CallRecord:
-    """One /v1 call, as answered (after latency, scripts and authentication)."""
+    """One /v1 call, as answered (after latency, rate limit, scripts and authentication)."""
 
     at: float
     """`time.time()` when the call arrived."""
@@ -23,6 +29,11 @@ class CallRecord:
     path: str
     query: dict[str, str]
     http_status: int
+    """The status answered, or CANCELLED_STATUS (499) if the call was never answered."""
+    ended_at: float
+    """`time.time()` when the call was answered (or cancelled)."""
+    rate_limited: bool = False
+    """True only for a 429 of the enforced rate limit, not for a scripted 429."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,8 +22,10 @@ import aiohttp
 import structlog
 
 from service.simulator import errors, lifecycle
+from service.simulator.calllog import CallArrival, CallLog, PackageKey
 from service.simulator.config import SimulatorConfig
 from service.simulator.lifecycle import JsonDict
+from service.simulator.ratelimit import SlidingWindow
 from service.simulator.records import (
     OPERATIONS,
     CallRecord,
@@ -91,7 +93,8 @@ class Simulator:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.keys = SigningKeys()
-        self.calls: list[CallRecord] = []
+        self._call_log = CallLog()
+        self._rate_window = SlidingWindow()
         self.deliveries: list[DeliveryRecord] = []
         self._webhooks: dict[str, Webhook] = {}
         self._webhook_ids = itertools.count(10_000_001)
@@ -112,11 +115,24 @@ class Simulator:
         latency_s: float | None = None,
         delivery_retry_s: float | None = None,
         delivery_attempts: int | None = None,
+        rate_limit_per_minute: int | None = None,
+        rate_limit_window_s: float | None = None,
     ) -> SimulatorConfig:
-        """Change settings at runtime; a package waiting for its next step sees a new pace now."""
+        """Change settings at runtime; a package waiting for its next step sees a new pace now.
+
+        None leaves a setting as it is; `rate_limit_per_minute=0` removes the rate limit.
+        """
         current = self.config
         if delivery_attempts is not None and delivery_attempts < 1:
             raise ValueError("delivery_attempts must be 1 or more")
+        if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
+            raise ValueError("rate_limit_per_minute must be zero (no limit) or more")
+        per_minute = (
+            current.rate_limit_per_minute
+            if rate_limit_per_minute is None
+            else rate_limit_per_minute or None
+        )
+        # replace() runs the config's own checks: a limit must let a call through per window.
         self.config = dataclasses.replace(
             current,
             pace_s=_at_least_zero("pace_s", pace_s, current.pace_s),
@@ -125,10 +141,66 @@ class Simulator:
                 "delivery_retry_s", delivery_retry_s, current.delivery_retry_s
             ),
             delivery_attempts=delivery_attempts or current.delivery_attempts,
+            rate_limit_per_minute=per_minute,
+            rate_limit_window_s=(
+                current.rate_limit_window_s if rate_limit_window_s is None else rate_limit_window_s
+            ),
         )
+        if per_minute is None:
+            # Calls made without a limit do not count once one is set: a test that sets a
+            # limit gets the whole window, whatever it called before.
+            self._rate_window.clear()
         self._config_changed.set()
         self._config_changed = asyncio.Event()
         return self.config
+
+    # -- the call log, calls in flight and the rate limit ----------------------------------
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """Every /v1 call answered, in the order answered; read it, do not change it."""
+        return self._call_log.records
+
+    @property
+    def in_flight(self) -> int:
+        """/v1 calls arrived and not answered yet, latency and scripted delays included."""
+        return self._call_log.in_flight
+
+    @property
+    def rate_limited_calls(self) -> int:
+        """Calls answered 429 by the enforced rate limit (scripted 429s not included)."""
+        return self._call_log.rate_limited
+
+    def call_arrived(self, method: str, path: str, query: dict[str, str]) -> CallArrival:
+        """A /v1 call is in flight from now until `call_answered`."""
+        return self._call_log.arrive(method, path, query)
+
+    def call_answered(
+        self, arrival: CallArrival, http_status: int, *, rate_limited: bool = False
+    ) -> CallRecord:
+        """The call leaves the in-flight count and enters `calls`."""
+        return self._call_log.answer(arrival, http_status, rate_limited=rate_limited)
+
+    async def wait_for_in_flight(self, n: int) -> None:
+        """Return once at least `n` /v1 calls are in flight at the same moment."""
+        await self._call_log.wait_for_in_flight(n)
+
+    async def wait_for_calls(self, n: int, path: str | None = None) -> None:
+        """Return once at least `n` /v1 calls (to `path`, if given) have been answered."""
+        await self._call_log.wait_for_calls(n, path)
+
+    def max_concurrent_per_package(self) -> dict[PackageKey, int]:
+        """For each (carrier_code, tracking_number) of a start or stop call, the most calls of
+        that package that were in flight at once (since the last reset)."""
+        return self._call_log.max_concurrent_per_package()
+
+    def admit_call(self) -> int | None:
+        """Count an authenticated call against the rate limit; when over it, the seconds of
+        `Retry-After` instead (the call is refused and does not count)."""
+        per_minute = self.config.rate_limit_per_minute
+        if per_minute is None:
+            return None
+        return self._rate_window.admit(per_minute, self.config.rate_limit_window_s)
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -430,11 +502,15 @@ class Simulator:
             await asyncio.wait(tasks)
 
     async def reset(self) -> None:
-        """Forget scripts, calls, deliveries and packages; webhook registrations stay."""
+        """Forget scripts, calls, deliveries, packages and the rate window's calls.
+
+        Webhook registrations and settings stay; calls still in flight stay counted.
+        """
         await self._cancel_all()
         self._scripts.clear()
         self._lifecycles.clear()
-        self.calls.clear()
+        self._call_log.clear()
+        self._rate_window.clear()
         self.deliveries.clear()
         self._packages.clear()
 

@@ -1,0 +1,65 @@
+"""Real dispatcher processes for fault tests: started, killed, signalled, read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.waiting import eventually
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+class DispatcherProcess:
+    """`python -m service dispatcher` as its own OS process, its JSON log in a file."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    @classmethod
+    async def start(cls, log_path: Path, env: dict[str, str]) -> DispatcherProcess:
+        full_env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "LOG_LEVEL": "INFO", **env}
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service", "dispatcher",
+                env=full_env, stdout=log, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        started = cls(process, log_path)
+        await eventually(started._has_started, timeout_s=30)
+        return started
+
+    async def _has_started(self) -> bool | None:
+        if self.process.returncode is not None:
+            raise AssertionError(f"dispatcher exited early:\n{self.log_path.read_text()}")
+        return True if self.events("dispatcher.started") else None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name:
+                found.append(record)
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind, as when a machine or the OOM killer takes it."""
+        self.process.kill()
+
+    async def terminate(self, timeout_s: float = 30) -> int:
+        """SIGTERM, as an orchestrator stops it; returns the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), timeout_s)
+
+    async def ensure_stopped(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
