@@ -61,6 +61,9 @@ class Settings:
     """DISPATCH_ACCOUNT_PROBE_S: while our account is refused, one probe call this often."""
     dispatch_shutdown_grace_s: float = 10.0
     """DISPATCH_SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight calls may take to finish."""
+    dispatcher_status_port: int = 0
+    """DISPATCHER_STATUS_PORT: where a dispatcher process serves /healthz, /readyz and /metrics
+    (0: nowhere)."""
     webhook_max_bytes: int = 1024 * 1024
     """WEBHOOK_MAX_BYTES: largest webhook body accepted; larger ones get 413."""
 
@@ -118,6 +121,9 @@ class Settings:
             ),
             dispatch_shutdown_grace_s=optional(
                 "DISPATCH_SHUTDOWN_GRACE_S", non_negative_float, cls.dispatch_shutdown_grace_s
+            ),
+            dispatcher_status_port=optional(
+                "DISPATCHER_STATUS_PORT", port_number, cls.dispatcher_status_port
             ),
             webhook_max_bytes=optional("WEBHOOK_MAX_BYTES", positive_int, cls.webhook_max_bytes),
         )

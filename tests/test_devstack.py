@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,18 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.processes import free_port
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 async def read_until(stream: asyncio.StreamReader, marker: str, seen: list[str]) -> None:

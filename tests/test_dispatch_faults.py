@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import sqlalchemy as sa
 import structlog
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.subscriptions import NewSubscription, create_subscription
 from tests.conftest import RunningSimulator
-from tests.processes import DispatcherProcess
+from tests.processes import DispatcherProcess, free_port
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,3 +258,23 @@ async def test_the_dispatcher_rides_out_a_postgresql_restart(
         assert len(during) < 40, during
     finally:
         await engine.dispose()
+
+
+async def test_a_dispatcher_process_serves_its_health_and_metrics(
+    engine: AsyncEngine, shipengine: RunningSimulator, spawn: Spawn
+) -> None:
+    port = free_port()
+    dispatcher = await spawn(DISPATCHER_STATUS_PORT=str(port))
+    await subscribe_many(engine, ["MET1", "MET2"])
+    await eventually(lambda: all_active(engine, 2))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+    assert (
+        'tracking_dispatch_calls_total{error_code="",operation="start",outcome="accepted"} 2.0'
+        in text
+    )
+    assert "tracking_dispatch_backlog 0.0" in text
+    assert await dispatcher.terminate() == 0

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from service.api import health, subscriptions
-from service.api.keys import ENGINE, SETTINGS
-from service.api.middleware import json_errors, request_context
+from service.api.keys import ENGINE, METRICS, SETTINGS
+from service.api.middleware import json_errors, request_context, request_metrics
 from service.db.engine import create_engine
+from service.metrics import Metrics
 from service.settings import Settings
 from service.webhooks import receiver
 
@@ -17,10 +18,11 @@ from service.webhooks import receiver
 def create_app(settings: Settings) -> web.Application:
     """The API app; reads no environment and holds nothing at module level."""
     app = web.Application(
-        middlewares=[request_context, json_errors],
+        middlewares=[request_context, request_metrics, json_errors],
         client_max_size=settings.webhook_max_bytes,
     )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 
-from service.api.keys import ENGINE
+from service.api.keys import ENGINE, METRICS
 from service.db.dispatch import current_pause
+from service.metrics import CONTENT_TYPE
 
 READINESS_TIMEOUT_S = 2.0
 
@@ -40,3 +42,14 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ready", "checks": {"database": "ok"}, "dispatch": dispatch}
     )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; shared gauges are read fresh from the database."""
+    registry = request.app[METRICS]
+    with contextlib.suppress(Exception):  # counters still serve while the database is away
+        async with asyncio.timeout(READINESS_TIMEOUT_S):
+            async with request.app[ENGINE].connect() as conn:
+                await registry.refresh_shared(conn)
+    return web.Response(body=registry.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -3,7 +3,9 @@
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.metrics import Metrics
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
+METRICS = web.AppKey("metrics", Metrics)

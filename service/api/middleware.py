@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.api.errors import ApiError, ErrorDetail, http_error_detail
+from service.api.keys import METRICS
 from service.db.errors import is_unavailable
 
 log = structlog.get_logger(__name__)
@@ -31,6 +33,19 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
         response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    return response
+
+
+@web.middleware
+async def request_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every answer by its route's pattern (not its path: ids are unbounded)."""
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.http_requests.labels(request.method, route, str(response.status)).inc()
+    metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
     return response
 
 

@@ -12,11 +12,13 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.keys import ENGINE, SETTINGS
+from service.api import health
+from service.api.keys import ENGINE, METRICS, SETTINGS
 from service.db.dispatch import Budget
 from service.db.engine import create_engine
 from service.dispatcher.worker import Dispatcher
 from service.domain.subscriptions import RetryPolicy
+from service.metrics import Metrics
 from service.settings import Settings, mask_url
 from service.shipengine.client import ShipEngineClient
 
@@ -31,7 +33,10 @@ def shipengine_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 def build_dispatcher(
-    settings: Settings, engine: AsyncEngine, session: aiohttp.ClientSession
+    settings: Settings,
+    engine: AsyncEngine,
+    session: aiohttp.ClientSession,
+    metrics: Metrics | None = None,
 ) -> Dispatcher:
     client = ShipEngineClient(
         session,
@@ -56,14 +61,17 @@ def build_dispatcher(
             rate_per_minute=settings.shipengine_rate_limit_per_minute,
             account_probe_s=settings.dispatch_account_probe_s,
         ),
+        metrics=metrics or Metrics(),
     )
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Dispatcher]:
+async def running(
+    settings: Settings, engine: AsyncEngine, metrics: Metrics
+) -> AsyncIterator[Dispatcher]:
     """A dispatcher running in the background; on exit it stops and finishes in-flight calls."""
     async with shipengine_session(settings) as session:
-        dispatcher = build_dispatcher(settings, engine, session)
+        dispatcher = build_dispatcher(settings, engine, session, metrics)
         task = asyncio.create_task(dispatcher.run(), name="dispatcher")
         log.info("dispatcher.started", shipengine=settings.shipengine_base_url)
         try:
@@ -76,21 +84,41 @@ async def running(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Disp
 
 async def in_app(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx that runs a dispatcher inside the API process (`make run`)."""
-    async with running(app[SETTINGS], app[ENGINE]):
+    async with running(app[SETTINGS], app[ENGINE], app[METRICS]):
         yield
 
 
 async def serve(settings: Settings) -> None:
-    """Run a dispatcher until SIGINT or SIGTERM."""
+    """Run a dispatcher until SIGINT or SIGTERM, with its health and metrics on a port."""
     settings.require_api_key()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    metrics = Metrics()
     log.info("dispatcher.database", url=mask_url(settings.database_url))
+    status_site = await _serve_status(settings, engine, metrics)
     try:
-        async with running(settings, engine):
+        async with running(settings, engine, metrics):
             await stop.wait()
     finally:
+        if status_site is not None:
+            await status_site.cleanup()
         await engine.dispose()
+
+
+async def _serve_status(
+    settings: Settings, engine: AsyncEngine, metrics: Metrics
+) -> web.AppRunner | None:
+    """/healthz, /readyz and /metrics of a dispatcher process, on DISPATCHER_STATUS_PORT."""
+    if not settings.dispatcher_status_port:
+        return None
+    app = web.Application()
+    app[ENGINE] = engine
+    app[METRICS] = metrics
+    app.add_routes(health.routes)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.dispatcher_status_port).start()
+    return runner

@@ -26,7 +26,8 @@ from service.db import dispatch
 from service.db.dispatch import Budget, CallResult, Claim
 from service.db.engine import asyncpg_dsn
 from service.db.errors import is_unavailable
-from service.domain.subscriptions import CallOutcome, Operation, RetryPolicy
+from service.domain.subscriptions import CallOutcome, Operation, RetryPolicy, Transition
+from service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,7 @@ class Dispatcher:
         shutdown_grace_s: float,
         retry_policy: RetryPolicy,
         budget: Budget,
+        metrics: Metrics,
         rng: random.Random | None = None,
     ) -> None:
         self._engine = engine
@@ -60,6 +62,7 @@ class Dispatcher:
         self._shutdown_grace_s = shutdown_grace_s
         self._retry_policy = retry_policy
         self._budget = budget
+        self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._calls: dict[asyncio.Task[None], Claim] = {}
         self._results: asyncio.Queue[CallResult] = asyncio.Queue()
@@ -215,10 +218,36 @@ class Dispatcher:
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
             for result, moved in zip(batch, moves, strict=True):
-                _log_call(result, moved)
+                self._observe(result, moved)
         finally:
             for _ in batch:
                 self._results.task_done()
+
+    def _observe(self, result: CallResult, moved: Transition | None) -> None:
+        claim, outcome = result.claim, result.outcome
+        self._metrics.dispatch_calls.labels(
+            claim.operation.value, outcome.kind.value, outcome.error_code or ""
+        ).inc()
+        self._metrics.dispatch_latency.labels(claim.operation.value).observe(
+            result.latency_ms / 1000
+        )
+        fields = {
+            "subscription_id": str(claim.subscription_id),
+            "operation": claim.operation.value,
+            "attempt": claim.attempt,
+            "outcome": outcome.kind.value,
+            "http_status": outcome.http_status,
+            "request_id": outcome.request_id,
+            "error_code": outcome.error_code,
+            "latency_ms": result.latency_ms,
+        }
+        if moved is None:
+            self._metrics.dispatch_claims_lost.inc()
+            log.warning("dispatch.claim_lost", **fields)
+        elif outcome.kind.pauses_dispatch:
+            log.error("dispatch.paused", **fields, message=outcome.message)
+        else:
+            log.info("dispatch.call", **fields, state=moved.state.value)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -271,23 +300,3 @@ class Dispatcher:
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
-
-
-def _log_call(result: CallResult, moved: object) -> None:
-    claim, outcome = result.claim, result.outcome
-    fields = {
-        "subscription_id": str(claim.subscription_id),
-        "operation": claim.operation.value,
-        "attempt": claim.attempt,
-        "outcome": outcome.kind.value,
-        "http_status": outcome.http_status,
-        "request_id": outcome.request_id,
-        "error_code": outcome.error_code,
-        "latency_ms": result.latency_ms,
-    }
-    if moved is None:
-        log.warning("dispatch.claim_lost", **fields)
-    elif outcome.kind.pauses_dispatch:
-        log.error("dispatch.paused", **fields, message=outcome.message)
-    else:
-        log.info("dispatch.call", **fields, state=getattr(moved, "state", None))

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from service.api.body import read_json
 from service.api.errors import BadRequest
-from service.api.keys import ENGINE
+from service.api.keys import ENGINE, METRICS
 from service.db.deliveries import store_and_file
 from service.domain.tracking import parse_track_payload
 
@@ -29,6 +29,7 @@ async def receive_track(request: web.Request) -> web.Response:
     body = await request.read()  # cached by aiohttp: the exact bytes that were parsed
     async with request.app[ENGINE].begin() as conn:
         filed = await store_and_file(conn, headers=_headers(request), body=body, update=update)
+    request.app[METRICS].webhook_deliveries.labels(filed.outcome).inc()
     log.info(
         "webhook.delivery",
         delivery_id=filed.delivery_id,

@@ -1,0 +1,100 @@
+"""Prometheus metrics: one registry per process, passed to what records into it.
+
+Counters and histograms are per process (each API and dispatcher process serves its own);
+the gauges of shared state (backlog, pause) are read from the database when scraped, so every
+process reports the same truth.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.db.dispatch import current_pause
+from service.db.tables import subscriptions
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.http_requests = Counter(
+            "tracking_http_requests_total",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_latency = Histogram(
+            "tracking_http_request_seconds",
+            "Time to answer an HTTP request, by route.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.dispatch_calls = Counter(
+            "tracking_dispatch_calls_total",
+            "ShipEngine calls made by dispatchers, by operation, outcome and error code.",
+            ["operation", "outcome", "error_code"],
+            registry=registry,
+        )
+        self.dispatch_latency = Histogram(
+            "tracking_dispatch_call_seconds",
+            "Latency of ShipEngine calls, by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.dispatch_claims_lost = Counter(
+            "tracking_dispatch_claims_lost_total",
+            "Call outcomes not applied because the claim's lease had expired.",
+            registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            "tracking_webhook_deliveries_total",
+            "track webhook deliveries, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.dispatch_backlog = Gauge(
+            "tracking_dispatch_backlog",
+            "Subscriptions whose ShipEngine call is due now.",
+            registry=registry,
+        )
+        self.dispatch_oldest_due_seconds = Gauge(
+            "tracking_dispatch_oldest_due_seconds",
+            "How long the longest-waiting due call has been due.",
+            registry=registry,
+        )
+        self.dispatch_paused = Gauge(
+            "tracking_dispatch_paused",
+            "1 while all dispatching is paused, by kind (rate_limit, account).",
+            ["kind"],
+            registry=registry,
+        )
+
+    async def refresh_shared(self, conn: AsyncConnection) -> None:
+        """Read the gauges of state every process shares from the database."""
+        due = subscriptions.c.next_attempt_at <= sa.func.now()
+        count, oldest = (
+            await conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.extract(
+                        "epoch", sa.func.now() - sa.func.min(subscriptions.c.next_attempt_at)
+                    ),
+                ).where(due)
+            )
+        ).one()
+        self.dispatch_backlog.set(count)
+        self.dispatch_oldest_due_seconds.set(float(oldest or 0))
+        pause = await current_pause(conn)
+        for kind in ("rate_limit", "account"):
+            self.dispatch_paused.labels(kind).set(1 if pause and pause.kind == kind else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

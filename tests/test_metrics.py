@@ -1,0 +1,61 @@
+"""/metrics in Prometheus' text format: requests, webhooks, dispatch calls, backlog, pauses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.payloads import track_body
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def scrape(api: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await api.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def labels(**values: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(values.items()))
+
+
+async def test_requests_are_counted_by_route_pattern(api: Client) -> None:
+    body = {"carrier_code": "ups", "tracking_number": "1Z1"}
+    created = await (await api.post("/v1/subscriptions", json=body)).json()
+    await api.get(f"/v1/subscriptions/{created['id']}")
+    await api.get("/v1/subscriptions/not-a-uuid")
+    samples = await scrape(api)
+    key = "tracking_http_requests_total"
+    assert samples[(key, labels(method="POST", route="/v1/subscriptions", status="202"))] == 1
+    assert samples[(key, labels(method="GET", route="/v1/subscriptions/{id}", status="200"))] == 1
+    assert samples[(key, labels(method="GET", route="/v1/subscriptions/{id}", status="404"))] == 1
+
+
+async def test_webhooks_backlog_and_pause(api: Client, engine: AsyncEngine) -> None:
+    await api.post("/v1/webhooks/shipengine", json=track_body("NOBODY", "ups", 1))
+    for number in ("A1", "A2"):
+        await api.post("/v1/subscriptions", json={"carrier_code": "ups", "tracking_number": number})
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "UPDATE dispatch_control SET pause_kind = 'rate_limit', "
+                "paused_until = now() + interval '1 minute'"
+            )
+        )
+    samples: dict[Any, float] = await scrape(api)
+    assert samples[("tracking_webhook_deliveries_total", labels(outcome="orphan"))] == 1
+    assert samples[("tracking_dispatch_backlog", ())] == 2
+    assert samples[("tracking_dispatch_oldest_due_seconds", ())] >= 0
+    assert samples[("tracking_dispatch_paused", labels(kind="rate_limit"))] == 1
+    assert samples[("tracking_dispatch_paused", labels(kind="account"))] == 0
