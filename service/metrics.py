@@ -60,6 +60,28 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.webhook_refusals = Counter(
+            "tracking_webhook_refusals_total",
+            "Webhook deliveries refused, by reason (signature failures among them).",
+            ["reason"],
+            registry=registry,
+        )
+        self.status_changes = Counter(
+            "tracking_status_changes_total",
+            "Changes of a subscription's status, by the new status code.",
+            ["status_code"],
+            registry=registry,
+        )
+        self.status_regressions = Counter(
+            "tracking_status_regressions_refused_total",
+            "Deliveries whose older state was not allowed to move a status back.",
+            registry=registry,
+        )
+        self.rearms = Counter(
+            "tracking_rearms_total",
+            "Tracking restarts scheduled after an EX.",
+            registry=registry,
+        )
         self.dispatch_backlog = Gauge(
             "tracking_dispatch_backlog",
             "Subscriptions whose ShipEngine call is due now.",

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from service.domain.tracking import RearmPolicy
+
 SHIPENGINE_PRODUCTION_URL = "https://api.shipengine.com"
 
 T = TypeVar("T")
@@ -66,11 +68,35 @@ class Settings:
     (0: nowhere)."""
     webhook_max_bytes: int = 1024 * 1024
     """WEBHOOK_MAX_BYTES: largest webhook body accepted; larger ones get 413."""
+    webhook_verify: bool = True
+    """WEBHOOK_VERIFY: check ShipEngine's signature on every delivery; `false` only locally."""
+    webhook_keys_refresh_s: float = 60.0
+    """WEBHOOK_KEYS_REFRESH_S: an unknown key id fetches ShipEngine's keys again, at most this
+    often, whatever senders send."""
+    webhook_timestamp_tolerance_s: float = 300.0
+    """WEBHOOK_TIMESTAMP_TOLERANCE_S: a signature timestamp further from now is a replay."""
+    webhook_secret_header: str | None = None
+    """WEBHOOK_SECRET_HEADER: a custom header ShipEngine sends (set at registration) ..."""
+    webhook_secret: str | None = None
+    """WEBHOOK_SECRET: ... and the value it must carry, compared in constant time."""
+    tracking_ex_rearm_max: int = 3
+    """TRACKING_EX_REARM_MAX: times tracking is restarted after an EX (ShipEngine stops on EX)."""
+    tracking_ex_rearm_delay_s: float = 900.0
+    """TRACKING_EX_REARM_DELAY_S: how long after an EX tracking is restarted."""
 
     def __post_init__(self) -> None:
         if not self.shipengine_jwks_url:
             jwks = self.shipengine_base_url.rstrip("/") + "/jwks"
             object.__setattr__(self, "shipengine_jwks_url", jwks)
+        if not self.webhook_verify and self.shipengine_base_url == SHIPENGINE_PRODUCTION_URL:
+            raise SettingsError(
+                "WEBHOOK_VERIFY: may be false only with a local SHIPENGINE_BASE_URL "
+                "(the simulator), never with ShipEngine's own"
+            )
+        if bool(self.webhook_secret_header) != bool(self.webhook_secret):
+            raise SettingsError(
+                "WEBHOOK_SECRET_HEADER: set together with WEBHOOK_SECRET, or neither"
+            )
         if self.dispatch_lease_s <= self.shipengine_timeout_s:
             # A claim must outlive its call, or a second dispatcher could call while the first
             # is still waiting for ShipEngine's answer.
@@ -126,6 +152,27 @@ class Settings:
                 "DISPATCHER_STATUS_PORT", port_number, cls.dispatcher_status_port
             ),
             webhook_max_bytes=optional("WEBHOOK_MAX_BYTES", positive_int, cls.webhook_max_bytes),
+            webhook_verify=optional("WEBHOOK_VERIFY", boolean, cls.webhook_verify),
+            webhook_keys_refresh_s=optional(
+                "WEBHOOK_KEYS_REFRESH_S", positive_float, cls.webhook_keys_refresh_s
+            ),
+            webhook_timestamp_tolerance_s=optional(
+                "WEBHOOK_TIMESTAMP_TOLERANCE_S", positive_float, cls.webhook_timestamp_tolerance_s
+            ),
+            webhook_secret_header=optional("WEBHOOK_SECRET_HEADER", text, None),
+            webhook_secret=optional("WEBHOOK_SECRET", text, None),
+            tracking_ex_rearm_max=optional(
+                "TRACKING_EX_REARM_MAX", non_negative_int, cls.tracking_ex_rearm_max
+            ),
+            tracking_ex_rearm_delay_s=optional(
+                "TRACKING_EX_REARM_DELAY_S", positive_float, cls.tracking_ex_rearm_delay_s
+            ),
+        )
+
+    @property
+    def rearm_policy(self) -> RearmPolicy:
+        return RearmPolicy(
+            max_rearms=self.tracking_ex_rearm_max, delay_s=self.tracking_ex_rearm_delay_s
         )
 
     def require_api_key(self) -> str:
@@ -160,6 +207,15 @@ class EnvReader:
 
 def text(raw: str) -> str:
     return raw
+
+
+def boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
 
 
 def postgres_url(raw: str) -> str:

@@ -103,13 +103,6 @@ def settings(database_url: str) -> Settings:
     )
 
 
-@pytest.fixture
-async def api(settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    """The API over a real HTTP server on loopback, with its own database."""
-    async with TestClient(TestServer(create_app(settings))) as client:
-        yield client
-
-
 @dataclasses.dataclass
 class RunningSimulator:
     url: str
@@ -156,3 +149,11 @@ def make_dispatcher(
         )
 
     return make
+
+
+@pytest.fixture
+async def api(live_settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """The API over a real HTTP server on loopback, with its own database; ShipEngine's keys
+    come from the simulator."""
+    async with TestClient(TestServer(create_app(live_settings))) as client:
+        yield client

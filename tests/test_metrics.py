@@ -10,7 +10,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import RunningSimulator
 from tests.payloads import track_body
+from tests.webhook_sender import WebhookSender
 
 Client = TestClient[web.Request, web.Application]
 
@@ -42,8 +44,12 @@ async def test_requests_are_counted_by_route_pattern(api: Client) -> None:
     assert samples[(key, labels(method="GET", route="/v1/subscriptions/{id}", status="404"))] == 1
 
 
-async def test_webhooks_backlog_and_pause(api: Client, engine: AsyncEngine) -> None:
-    await api.post("/v1/webhooks/shipengine", json=track_body("NOBODY", "ups", 1))
+async def test_webhooks_backlog_and_pause(
+    api: Client, engine: AsyncEngine, shipengine: RunningSimulator
+) -> None:
+    hooks = WebhookSender(api, shipengine.simulator.keys)
+    await hooks.deliver(track_body("NOBODY", "ups", 1))
+    await hooks.deliver(b"not json", 400)
     for number in ("A1", "A2"):
         await api.post("/v1/subscriptions", json={"carrier_code": "ups", "tracking_number": number})
     async with engine.begin() as conn:
@@ -55,6 +61,7 @@ async def test_webhooks_backlog_and_pause(api: Client, engine: AsyncEngine) -> N
         )
     samples: dict[Any, float] = await scrape(api)
     assert samples[("tracking_webhook_deliveries_total", labels(outcome="orphan"))] == 1
+    assert samples[("tracking_webhook_refusals_total", labels(reason="invalid_json"))] == 1
     assert samples[("tracking_dispatch_backlog", ())] == 2
     assert samples[("tracking_dispatch_oldest_due_seconds", ())] >= 0
     assert samples[("tracking_dispatch_paused", labels(kind="rate_limit"))] == 1

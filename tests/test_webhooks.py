@@ -12,11 +12,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import RunningSimulator
 from tests.payloads import track_body
+from tests.webhook_sender import WEBHOOK, WebhookSender
 
 Client = TestClient[web.Request, web.Application]
-WEBHOOK = "/v1/webhooks/shipengine"
 TRACKING_NUMBER = "9405511899223197428490"
+
+
+@pytest.fixture
+def hooks(api: Client, shipengine: RunningSimulator) -> WebhookSender:
+    return WebhookSender(api, shipengine.simulator.keys)
 
 
 async def subscribe(api: Client, carrier_code: str = "stamps_com") -> str:
@@ -27,15 +33,6 @@ async def subscribe(api: Client, carrier_code: str = "stamps_com") -> str:
     assert response.status == 202
     subscription_id: str = (await response.json())["id"]
     return subscription_id
-
-
-async def deliver(api: Client, body: dict[str, Any] | bytes, status: int = 200) -> Any:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = await api.post(
-        WEBHOOK, data=data, headers={"Content-Type": "application/json", "X-Custom": "kept"}
-    )
-    assert response.status == status, await response.text()
-    return await response.json()
 
 
 async def events_of(api: Client, subscription_id: str) -> list[dict[str, Any]]:
@@ -49,9 +46,9 @@ async def subscription(api: Client, subscription_id: str) -> dict[str, Any]:
     return document
 
 
-async def test_a_delivery_files_status_and_events(api: Client) -> None:
+async def test_a_delivery_files_status_and_events(api: Client, hooks: WebhookSender) -> None:
     subscription_id = await subscribe(api)
-    answer = await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 2))
+    answer = await hooks.deliver(track_body(TRACKING_NUMBER, "stamps_com", 2))
     assert answer["outcome"] == "filed"
     assert answer["subscription_id"] == subscription_id
 
@@ -67,10 +64,12 @@ async def test_a_delivery_files_status_and_events(api: Client) -> None:
     assert events[0]["received_at"]
 
 
-async def test_the_whole_history_in_each_delivery_is_stored_once(api: Client) -> None:
+async def test_the_whole_history_in_each_delivery_is_stored_once(
+    api: Client, hooks: WebhookSender
+) -> None:
     subscription_id = await subscribe(api)
     for steps in (1, 2, 3, 4, 4):
-        await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", steps))
+        await hooks.deliver(track_body(TRACKING_NUMBER, "stamps_com", steps))
 
     events = await events_of(api, subscription_id)
     assert [event["status_code"] for event in events] == ["DE", None, "IT", "AC"]
@@ -81,31 +80,38 @@ async def test_the_whole_history_in_each_delivery_is_stored_once(api: Client) ->
 
 async def test_an_older_delivery_adds_history_but_does_not_move_status_back(
     api: Client,
+    hooks: WebhookSender,
 ) -> None:
     subscription_id = await subscribe(api)
-    await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 4))
-    await deliver(api, track_body(TRACKING_NUMBER, "stamps_com", 2))
+    await hooks.deliver(track_body(TRACKING_NUMBER, "stamps_com", 4))
+    await hooks.deliver(track_body(TRACKING_NUMBER, "stamps_com", 2))
     current = await subscription(api, subscription_id)
     assert current["status_code"] == "DE"
     assert current["last_event_at"] == "2026-11-22T15:30:00Z"
 
 
-async def test_the_carrier_code_in_resource_url_picks_the_subscription(api: Client) -> None:
+async def test_the_carrier_code_in_resource_url_picks_the_subscription(
+    api: Client, hooks: WebhookSender
+) -> None:
     usps = await subscribe(api, carrier_code="usps")
     fedex = await subscribe(api, carrier_code="fedex")
-    answer = await deliver(api, track_body(TRACKING_NUMBER, "fedex", 1))
+    answer = await hooks.deliver(track_body(TRACKING_NUMBER, "fedex", 1))
     assert answer["subscription_id"] == fedex
     assert await events_of(api, usps) == []
 
 
-async def test_without_a_carrier_code_the_tracking_number_decides(api: Client) -> None:
+async def test_without_a_carrier_code_the_tracking_number_decides(
+    api: Client, hooks: WebhookSender
+) -> None:
     subscription_id = await subscribe(api)
-    answer = await deliver(api, track_body(TRACKING_NUMBER, None, 1))
+    answer = await hooks.deliver(track_body(TRACKING_NUMBER, None, 1))
     assert answer["subscription_id"] == subscription_id
 
 
-async def test_unknown_packages_are_kept_as_orphans(api: Client, engine: AsyncEngine) -> None:
-    answer = await deliver(api, track_body("NOSUCHNUMBER", "ups", 2))
+async def test_unknown_packages_are_kept_as_orphans(
+    api: Client, hooks: WebhookSender, engine: AsyncEngine
+) -> None:
+    answer = await hooks.deliver(track_body("NOSUCHNUMBER", "ups", 2))
     assert answer["outcome"] == "orphan"
     assert answer["subscription_id"] is None
     async with engine.connect() as conn:
@@ -118,10 +124,12 @@ async def test_unknown_packages_are_kept_as_orphans(api: Client, engine: AsyncEn
     assert tuple(row) == ("NOSUCHNUMBER", "orphan")
 
 
-async def test_raw_bytes_and_headers_are_kept(api: Client, engine: AsyncEngine) -> None:
+async def test_raw_bytes_and_headers_are_kept(
+    api: Client, hooks: WebhookSender, engine: AsyncEngine
+) -> None:
     await subscribe(api)
     raw = json.dumps(track_body(TRACKING_NUMBER, "stamps_com", 1), indent=3).encode()
-    answer = await deliver(api, raw)
+    answer = await hooks.deliver(raw)
     async with engine.connect() as conn:
         body, headers = (
             await conn.execute(
@@ -145,14 +153,16 @@ async def test_raw_bytes_and_headers_are_kept(api: Client, engine: AsyncEngine) 
         {},
     ],
 )
-async def test_loose_shapes_are_stored_not_refused(api: Client, data: dict[str, Any]) -> None:
+async def test_loose_shapes_are_stored_not_refused(
+    api: Client, hooks: WebhookSender, data: dict[str, Any]
+) -> None:
     await subscribe(api)
-    answer = await deliver(api, data)
+    answer = await hooks.deliver(data)
     assert answer["outcome"] in ("filed", "orphan")
     assert answer["delivery_id"] > 0
 
 
-async def test_events_with_missing_fields_are_filed(api: Client) -> None:
+async def test_events_with_missing_fields_are_filed(api: Client, hooks: WebhookSender) -> None:
     subscription_id = await subscribe(api)
     body = track_body(TRACKING_NUMBER, "stamps_com", 0)
     body["data"]["events"] = [
@@ -160,7 +170,7 @@ async def test_events_with_missing_fields_are_filed(api: Client) -> None:
         {"occurred_at": "not a time", "status_code": "", "latitude": "35.1", "longitude": None},
         {"occurred_at": "2026-11-20T09:00:00", "description": "No zone means UTC"},
     ]
-    await deliver(api, body)
+    await hooks.deliver(body)
     events = await events_of(api, subscription_id)
     assert len(events) == 3
     assert events[0]["occurred_at"] == "2026-11-20T09:00:00Z"
@@ -168,24 +178,44 @@ async def test_events_with_missing_fields_are_filed(api: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("data", "content_type", "status"),
+    ("data", "content_type", "status", "reason"),
     [
-        (b"{broken", "application/json", 400),
-        (b"[]", "application/json", 400),
-        (b"", "application/json", 400),
-        (b"<xml/>", "text/xml", 415),
+        (b"{broken", "application/json", 400, "invalid_json"),
+        (b"[]", "application/json", 400, "not_an_object"),
+        (b"", "application/json", 400, "invalid_json"),
+        (b"<xml/>", "text/xml", 415, "unsupported_media_type"),
     ],
 )
-async def test_unreadable_deliveries_get_a_json_4xx(
-    api: Client, data: bytes, content_type: str, status: int
+async def test_unreadable_deliveries_get_a_json_4xx_and_are_kept(
+    hooks: WebhookSender,
+    engine: AsyncEngine,
+    data: bytes,
+    content_type: str,
+    status: int,
+    reason: str,
 ) -> None:
-    response = await api.post(WEBHOOK, data=data, headers={"Content-Type": content_type})
-    assert response.status == status
-    assert (await response.json())["errors"]
+    answer = await hooks.deliver(data, status, content_type=content_type)
+    assert answer["errors"][0]["error_code"] == reason
+    async with engine.connect() as conn:
+        kept = (
+            await conn.execute(
+                sa.text("SELECT outcome, refusal, verification FROM webhook_deliveries")
+            )
+        ).all()
+    assert [tuple(row) for row in kept] == [("refused", reason, "verified")]
 
 
-async def test_oversized_deliveries_get_413(api: Client) -> None:
+async def test_oversized_deliveries_get_413_before_being_read(
+    hooks: WebhookSender, engine: AsyncEngine
+) -> None:
     huge = io.BytesIO(b'{"padding": "' + b"x" * (1024 * 1024) + b'"}')
-    response = await api.post(WEBHOOK, data=huge, headers={"Content-Type": "application/json"})
+    response = await hooks.api.post(
+        WEBHOOK, data=huge, headers={"Content-Type": "application/json"}
+    )
     assert response.status == 413
     assert (await response.json())["errors"][0]["error_code"] == "request_too_large"
+    async with engine.connect() as conn:
+        kept = (
+            await conn.execute(sa.text("SELECT refusal, length(body) FROM webhook_deliveries"))
+        ).all()
+    assert [tuple(row) for row in kept] == [("too_large", 0)]

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
+import structlog
 from aiohttp import web
 
 from service.api import health, subscriptions
-from service.api.keys import ENGINE, METRICS, SETTINGS
+from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.db.engine import create_engine
 from service.metrics import Metrics
 from service.settings import Settings
-from service.webhooks import receiver
+from service.webhooks import receiver, replay
+from service.webhooks.signatures import KeySet, SignatureVerifier
+
+log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -24,9 +29,11 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_webhook_keys)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)
     app.add_routes(receiver.routes)
+    app.add_routes(replay.routes)
     return app
 
 
@@ -36,3 +43,21 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE] = engine
     yield
     await engine.dispose()
+
+
+async def _webhook_keys(app: web.Application) -> AsyncIterator[None]:
+    """ShipEngine's signing keys, fetched from its JWKS when first needed, then cached."""
+    settings = app[SETTINGS]
+    if not settings.webhook_verify:
+        log.warning(
+            "webhooks.verification_off",
+            detail="WEBHOOK_VERIFY=false: deliveries are not authenticated; for local use only",
+        )
+    async with aiohttp.ClientSession() as session:
+        keys = KeySet(
+            session,
+            settings.shipengine_jwks_url,
+            refresh_interval_s=settings.webhook_keys_refresh_s,
+        )
+        app[VERIFIER] = SignatureVerifier(keys, tolerance_s=settings.webhook_timestamp_tolerance_s)
+        yield

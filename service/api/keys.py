@@ -5,7 +5,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.metrics import Metrics
 from service.settings import Settings
+from service.webhooks.signatures import SignatureVerifier
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
 METRICS = web.AppKey("metrics", Metrics)
+VERIFIER = web.AppKey("verifier", SignatureVerifier)

@@ -102,6 +102,18 @@ class EventList(BaseModel):
     items: list[EventOut]
 
 
+class StatusChangeOut(BaseModel):
+    previous_status_code: str | None
+    status_code: str | None
+    occurred_at: datetime | None
+    learned_at: datetime
+    delivery_id: int | None
+
+
+class StatusChangeList(BaseModel):
+    items: list[StatusChangeOut]
+
+
 class AttemptOut(BaseModel):
     operation: Operation
     attempt: int

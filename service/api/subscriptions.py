@@ -12,11 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api.body import read_json
 from service.api.errors import Conflict, ErrorDetail, NotFound
-from service.api.keys import ENGINE
+from service.api.keys import ENGINE, SETTINGS
 from service.api.schemas import (
     AttemptList,
     EventList,
     ListQuery,
+    StatusChangeList,
     SubscriptionIn,
     decode_cursor,
     encode_cursor,
@@ -25,6 +26,7 @@ from service.api.schemas import (
     subscription_json,
 )
 from service.db import subscriptions as queries
+from service.db.deliveries import adopt_orphans
 
 routes = web.RouteTableDef()
 
@@ -35,6 +37,12 @@ async def subscribe(request: web.Request) -> web.Response:
     new = parse_body(SubscriptionIn, await read_json(request)).to_domain()
     async with request.app[ENGINE].begin() as conn:
         row, created = await queries.create_subscription(conn, new)
+        if created:
+            # Deliveries that came before their subscription are filed now, in the same
+            # transaction: the subscription is never seen without the history already known.
+            rearm = request.app[SETTINGS].rearm_policy
+            if await adopt_orphans(conn, new.carrier_code, new.tracking_number, rearm):
+                row = await queries.get_subscription(conn, row["id"]) or row
     return web.json_response(subscription_json(row), status=202 if created else 200)
 
 
@@ -73,6 +81,12 @@ async def get_subscription(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     """The tracking events filed against it, newest first."""
     return await _items_of_subscription(request, queries.list_events, EventList)
+
+
+@routes.get("/v1/subscriptions/{id}/statuses")
+async def list_statuses(request: web.Request) -> web.Response:
+    """Every change of its status, newest first: when at the carrier, when we learned it."""
+    return await _items_of_subscription(request, queries.list_status_changes, StatusChangeList)
 
 
 @routes.get("/v1/subscriptions/{id}/attempts")

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.tables import dispatch_attempts, subscriptions, tracking_events
+from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
 
 LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
@@ -191,3 +191,14 @@ async def retry_failed(conn: AsyncConnection, subscription_id: uuid.UUID) -> Row
         .returning(*PUBLIC_COLUMNS)
     )
     return (await conn.execute(update)).mappings().first()
+
+
+async def list_status_changes(
+    conn: AsyncConnection, subscription_id: uuid.UUID
+) -> list[RowMapping]:
+    query = (
+        sa.select(status_changes)
+        .where(status_changes.c.subscription_id == subscription_id)
+        .order_by(status_changes.c.id.desc())
+    )
+    return list((await conn.execute(query)).mappings())

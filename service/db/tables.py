@@ -30,6 +30,13 @@ def _created_at() -> sa.Column[object]:
     )
 
 
+# A call is always due in pending and stopping, never in failed and stopped; in active only to
+# restart tracking after an EX.
+DUE_WORK = (
+    "(state NOT IN ('pending', 'stopping') OR next_attempt_at IS NOT NULL) "
+    "AND (state NOT IN ('failed', 'stopped') OR next_attempt_at IS NULL)"
+)
+
 subscriptions = sa.Table(
     "subscriptions",
     metadata,
@@ -52,6 +59,12 @@ subscriptions = sa.Table(
     # (NULL: nothing to send). A claim pushes it forward by the lease and stamps `claim_token`;
     # only the holder of the token may record the outcome.
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # Tracking restarted after an EX (ShipEngine stops on EX by itself), so far.
+    sa.Column("rearms", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # When a webhook or a poll last told us anything about the package.
+    _timestamp("last_heard_at"),
+    # Delivered (DE/SP) long enough ago: no polls, no re-arms, nothing more to spend.
+    _timestamp("done_at"),
     _timestamp("next_attempt_at"),
     sa.Column("claim_token", pg.UUID(as_uuid=True)),
     _created_at(),
@@ -59,9 +72,7 @@ subscriptions = sa.Table(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
     sa.CheckConstraint(f"state IN ({_STATES})", name="state"),
-    sa.CheckConstraint(
-        "(state IN ('pending', 'stopping')) = (next_attempt_at IS NOT NULL)", name="due_work"
-    ),
+    sa.CheckConstraint(DUE_WORK, name="due_work"),
 )
 
 # One live subscription per package; stopped ones may repeat. Leading with the tracking
@@ -100,10 +111,28 @@ webhook_deliveries = sa.Table(
         sa.ForeignKey("subscriptions.id", ondelete="SET NULL"),
     ),
     sa.Column("outcome", sa.Text, nullable=False),
-    sa.CheckConstraint("outcome IN ('filed', 'orphan')", name="outcome"),
+    # What we learned, normalised: the same state sent again (a retry, a re-serialised copy,
+    # a poll that found nothing new) hashes the same and is kept as a duplicate.
+    sa.Column("content_sha256", sa.LargeBinary),
+    # webhook: ShipEngine pushed it; poll: the reconciler fetched it with GET /v1/tracking.
+    sa.Column("source", sa.Text, nullable=False, server_default="webhook"),
+    # verified, skipped (WEBHOOK_VERIFY=false), not_applicable (polls), or why it was refused.
+    sa.Column("verification", sa.Text, nullable=False, server_default="skipped"),
+    sa.Column("refusal", sa.Text),
+    sa.CheckConstraint("outcome IN ('filed', 'orphan', 'duplicate', 'refused')", name="outcome"),
+    sa.CheckConstraint("source IN ('webhook', 'poll')", name="source"),
 )
 sa.Index("ix_webhook_deliveries_tracking_number", webhook_deliveries.c.tracking_number)
 sa.Index("ix_webhook_deliveries_subscription_id", webhook_deliveries.c.subscription_id)
+sa.Index("ix_webhook_deliveries_received_at", webhook_deliveries.c.received_at)
+# One original per content; later copies are inserted as duplicates, recognised by this index
+# before any subscription row is locked.
+sa.Index(
+    "uq_webhook_deliveries_content",
+    webhook_deliveries.c.content_sha256,
+    unique=True,
+    postgresql_where=webhook_deliveries.c.outcome.in_(["filed", "orphan"]),
+)
 
 tracking_events = sa.Table(
     "tracking_events",
@@ -197,3 +226,28 @@ dispatch_control = sa.Table(
     sa.CheckConstraint("id = 1", name="single_row"),
     sa.CheckConstraint("pause_kind IN ('rate_limit', 'account')", name="pause_kind"),
 )
+
+# Every change of a subscription's status: when it happened at the carrier, when we learned it.
+status_changes = sa.Table(
+    "status_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "subscription_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("subscriptions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("previous_status_code", sa.Text),
+    sa.Column("status_code", sa.Text),
+    _timestamp("occurred_at"),
+    sa.Column(
+        "learned_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "delivery_id",
+        sa.BigInteger,
+        sa.ForeignKey("webhook_deliveries.id", ondelete="SET NULL"),
+    ),
+)
+sa.Index("ix_status_changes_subscription", status_changes.c.subscription_id, status_changes.c.id)

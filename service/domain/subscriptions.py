@@ -22,10 +22,14 @@ class Operation(enum.StrEnum):
 
     @classmethod
     def for_state(cls, state: SubscriptionState) -> Operation:
-        """The ShipEngine call that a row with due work in this state needs."""
+        """The ShipEngine call that a row with due work in this state needs.
+
+        An active row has a call due only to restart tracking, which ShipEngine ends by itself
+        on an exception (EX) that may yet resolve.
+        """
         if state is SubscriptionState.STOPPING:
             return cls.STOP
-        if state is SubscriptionState.PENDING:
+        if state in (SubscriptionState.PENDING, SubscriptionState.ACTIVE):
             return cls.START
         raise ValueError(f"no call is due in state {state}")
 
@@ -117,19 +121,19 @@ def transition(
     a whole is paused (a 429's Retry-After, an account problem's probe interval).
     """
     error = None if outcome.kind is OutcomeKind.ACCEPTED else outcome.as_error(operation)
-    pending = (
-        SubscriptionState.PENDING if operation is Operation.START else SubscriptionState.STOPPING
-    )
     if operation is Operation.START and state_now is SubscriptionState.STOPPING:
         return Transition(SubscriptionState.STOPPING, 0.0, error, attempt_spent=False)
+    rearming = operation is Operation.START and state_now is SubscriptionState.ACTIVE
+    waiting = state_now if rearming or operation is Operation.STOP else SubscriptionState.PENDING
     if outcome.kind.pauses_dispatch:
         # The package is not at fault: it waits for the pause without spending an attempt.
-        return Transition(pending, paused_for_s, error, attempt_spent=False)
+        return Transition(waiting, paused_for_s, error, attempt_spent=False)
     if outcome.kind is OutcomeKind.TRANSIENT and not policy.gives_up(attempt):
-        return Transition(pending, retry_in_s, error)
+        return Transition(waiting, retry_in_s, error)
     if operation is Operation.STOP:
         # Stopped or refused for good, or given up: nothing more we can do; the wish holds.
         return Transition(SubscriptionState.STOPPED, None, error)
-    if outcome.kind is OutcomeKind.ACCEPTED:
-        return Transition(SubscriptionState.ACTIVE, None, None)
+    if rearming or outcome.kind is OutcomeKind.ACCEPTED:
+        # A restart that did not take leaves tracking as it was: active, the error visible.
+        return Transition(SubscriptionState.ACTIVE, None, error)
     return Transition(SubscriptionState.FAILED, None, error)

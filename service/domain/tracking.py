@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -167,3 +168,64 @@ def timestamp(value: object) -> datetime | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.astimezone(UTC)
+
+
+TERMINAL_STATUSES = frozenset({"DE", "SP"})
+EXCEPTION_STATUS = "EX"
+
+
+def content_digest(payload: object, update: TrackingUpdate) -> bytes:
+    """What a delivery says, normalised: equal for a retry, a re-serialised copy, or a poll.
+
+    The resource URL is left out (its host differs between a webhook and a poll); the package it
+    names is kept through the update's carrier code and tracking number.
+    """
+    data = payload.get("data") if isinstance(payload, dict) else None
+    canonical = json.dumps(
+        {
+            "carrier_code": update.carrier_code,
+            "tracking_number": update.tracking_number,
+            "data": data,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusDecision:
+    take: bool  # the delivery's status becomes the subscription's
+    regression: bool  # it would have moved the status back in time, and was refused
+
+
+def decide_status(
+    current_status: str | None, last_event_at: datetime | None, update: TrackingUpdate
+) -> StatusDecision:
+    """Whether a delivery's status replaces the current one: never for an older state.
+
+    Statuses are not assumed to move one way (EX can be followed by IT or DE): only time
+    decides. A delivery whose newest event is older than what we show adds its events to the
+    history but leaves the status; at the same instant a terminal status (DE, SP) stays.
+    """
+    if update.status_code is None:
+        return StatusDecision(take=False, regression=False)
+    newest = update.newest_event_at
+    if last_event_at is None or current_status is None:
+        return StatusDecision(take=True, regression=False)
+    differs = update.status_code != current_status
+    if newest is None or newest < last_event_at:
+        return StatusDecision(take=False, regression=differs)
+    if newest == last_event_at and current_status in TERMINAL_STATUSES:
+        return StatusDecision(take=False, regression=differs)
+    return StatusDecision(take=True, regression=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class RearmPolicy:
+    """ShipEngine stops tracking on EX; an EX that later resolves would go unseen. So tracking
+    is started again after `delay_s`, at most `max_rearms` times per subscription."""
+
+    max_rearms: int
+    delay_s: float

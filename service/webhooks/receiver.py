@@ -1,35 +1,85 @@
 """POST /v1/webhooks/shipengine: ShipEngine's `track` deliveries.
 
-A delivery is answered 2xx only after its raw bytes and headers are committed together with
-what it filed; if anything fails first, ShipEngine gets an error and delivers it again.
+A delivery is answered 2xx only after its raw bytes, headers and verification are committed
+together with what it filed; if anything fails first, ShipEngine gets an error and delivers it
+again. Refusals are answered at once and kept (with a capped body) so ops can see them:
+
+| what | answer |
+|---|---|
+| no signature headers | 404, as ShipEngine's guide advises: the endpoint need not reveal itself |
+| timestamp more than WEBHOOK_TIMESTAMP_TOLERANCE_S from now | 400 (a replay, or a clock to fix) |
+| bad signature, unknown key, unreadable signature headers, wrong shared secret | 401 |
+| ShipEngine's keys cannot be fetched | 503: our problem, ShipEngine retries later |
+| body over WEBHOOK_MAX_BYTES | 413, before the body is read |
+| not application/json | 415 |
+| not a JSON object | 400 |
+| the database is down | 503 (nothing was stored, so nothing may be acknowledged) |
 """
 
 from __future__ import annotations
 
+import json
+
 import structlog
 from aiohttp import web
 
-from service.api.body import read_json
-from service.api.errors import BadRequest
-from service.api.keys import ENGINE, METRICS
-from service.db.deliveries import store_and_file
-from service.domain.tracking import parse_track_payload
+from service.api.errors import ApiError, ErrorDetail
+from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
+from service.db.deliveries import FiledDelivery, Incoming, record_refusal, store_and_file
+from service.domain.tracking import content_digest, parse_track_payload
+from service.webhooks.signatures import Refusal, secret_matches
 
 log = structlog.get_logger(__name__)
 
 routes = web.RouteTableDef()
 
+# Refused deliveries are kept for ops, but anyone can send them: cap what they may store.
+REFUSED_BODY_BYTES = 64 * 1024
+
+_REFUSAL_STATUS = {
+    Refusal.MISSING_HEADERS: 404,
+    Refusal.STALE_TIMESTAMP: 400,
+    Refusal.MALFORMED_HEADERS: 401,
+    Refusal.UNKNOWN_KEY: 401,
+    Refusal.BAD_SIGNATURE: 401,
+    Refusal.KEYS_UNAVAILABLE: 503,
+}
+
+
+class Refused(ApiError):
+    """A delivery we will not acknowledge; `reason` is what is recorded and counted."""
+
+    def __init__(self, status: int, reason: str, message: str, error_type: str) -> None:
+        code = "request_too_large" if status == 413 else reason
+        super().__init__(ErrorDetail(error_type, code, message))
+        self.status = status
+        self.reason = reason
+
 
 @routes.post("/v1/webhooks/shipengine")
 async def receive_track(request: web.Request) -> web.Response:
-    payload = await read_json(request)
-    if not isinstance(payload, dict):
-        raise BadRequest.invalid("a track webhook body is a JSON object")
+    headers = _headers(request)
+    body = b""
+    verification = "skipped"
+    try:
+        body = await _read_body(request)
+        verification = await _verify(request, headers, body)
+        payload = _payload(request, body)
+    except Refused as refused:
+        await _record_refusal(request, headers, body, refused, verification)
+        raise
     update = parse_track_payload(payload)
-    body = await request.read()  # cached by aiohttp: the exact bytes that were parsed
+    incoming = Incoming(
+        headers=headers,
+        body=body,
+        update=update,
+        content_sha256=content_digest(payload, update),
+        verification=verification,
+    )
+    settings = request.app[SETTINGS]
     async with request.app[ENGINE].begin() as conn:
-        filed = await store_and_file(conn, headers=_headers(request), body=body, update=update)
-    request.app[METRICS].webhook_deliveries.labels(filed.outcome).inc()
+        filed = await store_and_file(conn, incoming, settings.rearm_policy)
+    _observe(request, filed, update.status_code)
     log.info(
         "webhook.delivery",
         delivery_id=filed.delivery_id,
@@ -38,6 +88,8 @@ async def receive_track(request: web.Request) -> web.Response:
         tracking_number=update.tracking_number,
         status_code=update.status_code,
         new_events=filed.new_events,
+        status_changed=filed.status_changed,
+        regression=filed.regression,
     )
     return web.json_response(
         {
@@ -46,6 +98,81 @@ async def receive_track(request: web.Request) -> web.Response:
             "subscription_id": str(filed.subscription_id) if filed.subscription_id else None,
         }
     )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS].webhook_max_bytes
+    too_large = Refused(413, "too_large", f"the body exceeds {limit} bytes", "validation")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # refused on the header alone, before a byte of the body is read
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+
+
+async def _verify(request: web.Request, headers: dict[str, str], body: bytes) -> str:
+    settings = request.app[SETTINGS]
+    if settings.webhook_secret_header and settings.webhook_secret:
+        presented = headers.get(settings.webhook_secret_header.lower())
+        if not secret_matches(presented, settings.webhook_secret):
+            raise Refused(401, "bad_secret", "the shared secret header is wrong", "security")
+    if not settings.webhook_verify:
+        return "skipped"
+    verification = await request.app[VERIFIER].verify(headers, body)
+    if verification.refusal is not None:
+        reason = verification.refusal.value
+        status = _REFUSAL_STATUS[verification.refusal]
+        error_type = "system" if status == 503 else "security"
+        raise Refused(status, reason, verification.detail, error_type)
+    return "verified"
+
+
+def _payload(request: web.Request, body: bytes) -> dict[str, object]:
+    if request.content_type != "application/json":
+        raise Refused(
+            415,
+            "unsupported_media_type",
+            f"expected application/json, got {request.content_type}",
+            "validation",
+        )
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(400, "invalid_json", "the body is not valid JSON", "validation") from None
+    if not isinstance(payload, dict):
+        raise Refused(400, "not_an_object", "a track webhook body is a JSON object", "validation")
+    return payload
+
+
+async def _record_refusal(
+    request: web.Request, headers: dict[str, str], body: bytes, refused: Refused, verification: str
+) -> None:
+    request.app[METRICS].webhook_refusals.labels(refused.reason).inc()
+    log.warning("webhook.refused", reason=refused.reason, status=refused.status, bytes=len(body))
+    try:
+        async with request.app[ENGINE].begin() as conn:
+            await record_refusal(
+                conn,
+                headers=headers,
+                body=body[:REFUSED_BODY_BYTES],
+                refusal=refused.reason,
+                verification=verification,
+            )
+    except Exception:
+        # The refusal is answered all the same; only its record is lost, and the log has it.
+        log.exception("webhook.refusal_not_recorded", reason=refused.reason)
+
+
+def _observe(request: web.Request, filed: FiledDelivery, status_code: str | None) -> None:
+    metrics = request.app[METRICS]
+    metrics.webhook_deliveries.labels(filed.outcome).inc()
+    if filed.status_changed:
+        metrics.status_changes.labels(status_code or "").inc()
+    if filed.regression:
+        metrics.status_regressions.inc()
+    if filed.rearmed:
+        metrics.rearms.inc()
 
 
 def _headers(request: web.Request) -> dict[str, str]:

@@ -1,0 +1,77 @@
+"""Replaying stored deliveries: filing them again is harmless, so it is the repair for anything.
+
+POST /v1/webhooks/deliveries/{id}/replay re-files one delivery; POST
+/v1/webhooks/deliveries/replay re-files every original received in a time range, or with
+`"dry_run": true` only says how many it would.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from service.api.body import read_json
+from service.api.errors import NotFound
+from service.api.keys import ENGINE, SETTINGS
+from service.api.schemas import parse_body
+from service.db import deliveries
+
+routes = web.RouteTableDef()
+
+
+class ReplayRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    received_from: datetime
+    received_to: datetime
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplayRange:
+        if self.received_to <= self.received_from:
+            raise ValueError("received_to must be after received_from")
+        return self
+
+
+@routes.post("/v1/webhooks/deliveries/{id}/replay")
+async def replay_one(request: web.Request) -> web.Response:
+    delivery_id = _delivery_id(request)
+    async with request.app[ENGINE].begin() as conn:
+        filed = await deliveries.replay(conn, delivery_id, request.app[SETTINGS].rearm_policy)
+    if filed is None:
+        raise NotFound.resource("replayable delivery")
+    return web.json_response(
+        {
+            "delivery_id": delivery_id,
+            "outcome": filed.outcome,
+            "subscription_id": str(filed.subscription_id) if filed.subscription_id else None,
+            "new_events": filed.new_events,
+            "status_changed": filed.status_changed,
+        }
+    )
+
+
+@routes.post("/v1/webhooks/deliveries/replay")
+async def replay_range(request: web.Request) -> web.Response:
+    """Each delivery is re-filed in its own transaction, so a long replay holds no long locks."""
+    wanted: ReplayRange = parse_body(ReplayRange, await read_json(request))
+    engine, rearm = request.app[ENGINE], request.app[SETTINGS].rearm_policy
+    async with engine.connect() as conn:
+        ids = await deliveries.deliveries_to_replay(conn, wanted.received_from, wanted.received_to)
+    outcomes: dict[str, int] = {}
+    if not wanted.dry_run:
+        for delivery_id in ids:
+            async with engine.begin() as conn:
+                filed = await deliveries.replay(conn, delivery_id, rearm)
+            if filed is not None:
+                outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
+    return web.json_response({"dry_run": wanted.dry_run, "matched": len(ids), "outcomes": outcomes})
+
+
+def _delivery_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise NotFound.resource("replayable delivery") from None
