@@ -82,6 +82,12 @@ class Metrics:
             "Tracking restarts scheduled after an EX.",
             registry=registry,
         )
+        self.polls = Counter(
+            "tracking_reconcile_polls_total",
+            "GET /v1/tracking calls of the reconciler, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         self.dispatch_backlog = Gauge(
             "tracking_dispatch_backlog",
             "Subscriptions whose ShipEngine call is due now.",

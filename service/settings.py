@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from service.domain.subscriptions import Budget
 from service.domain.tracking import RearmPolicy
 
 SHIPENGINE_PRODUCTION_URL = "https://api.shipengine.com"
@@ -79,6 +80,12 @@ class Settings:
     """WEBHOOK_SECRET_HEADER: a custom header ShipEngine sends (set at registration) ..."""
     webhook_secret: str | None = None
     """WEBHOOK_SECRET: ... and the value it must carry, compared in constant time."""
+    reconcile_interval_s: float = 60.0
+    """RECONCILE_INTERVAL_S: how often the reconciler looks for silent packages."""
+    reconcile_batch: int = 50
+    """RECONCILE_BATCH: packages polled at most per round."""
+    tracking_done_after_s: float = 3 * 24 * 3600.0
+    """TRACKING_DONE_AFTER_S: after DE/SP plus this long, a subscription is done: no polls."""
     tracking_ex_rearm_max: int = 3
     """TRACKING_EX_REARM_MAX: times tracking is restarted after an EX (ShipEngine stops on EX)."""
     tracking_ex_rearm_delay_s: float = 900.0
@@ -161,12 +168,26 @@ class Settings:
             ),
             webhook_secret_header=optional("WEBHOOK_SECRET_HEADER", text, None),
             webhook_secret=optional("WEBHOOK_SECRET", text, None),
+            reconcile_interval_s=optional(
+                "RECONCILE_INTERVAL_S", positive_float, cls.reconcile_interval_s
+            ),
+            reconcile_batch=optional("RECONCILE_BATCH", positive_int, cls.reconcile_batch),
+            tracking_done_after_s=optional(
+                "TRACKING_DONE_AFTER_S", positive_float, cls.tracking_done_after_s
+            ),
             tracking_ex_rearm_max=optional(
                 "TRACKING_EX_REARM_MAX", non_negative_int, cls.tracking_ex_rearm_max
             ),
             tracking_ex_rearm_delay_s=optional(
                 "TRACKING_EX_REARM_DELAY_S", positive_float, cls.tracking_ex_rearm_delay_s
             ),
+        )
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(
+            rate_per_minute=self.shipengine_rate_limit_per_minute,
+            account_probe_s=self.dispatch_account_probe_s,
         )
 
     @property

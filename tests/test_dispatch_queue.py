@@ -18,7 +18,7 @@ from service.db.subscriptions import (
     list_attempts,
     request_stop,
 )
-from service.domain.subscriptions import CallOutcome, Operation, OutcomeKind, RetryPolicy
+from service.domain.subscriptions import Budget, CallOutcome, Operation, OutcomeKind, RetryPolicy
 
 ACCEPTED = CallOutcome(OutcomeKind.ACCEPTED, http_status=204)
 TRANSIENT = CallOutcome(OutcomeKind.TRANSIENT, http_status=503)
@@ -33,7 +33,7 @@ async def add(engine: AsyncEngine, count: int) -> list[uuid.UUID]:
     return ids
 
 
-UNLIMITED = dispatch.Budget(rate_per_minute=0, account_probe_s=60)
+UNLIMITED = Budget(rate_per_minute=0, account_probe_s=60)
 POLICY = RetryPolicy(base_s=1, cap_s=10, max_attempts=5)
 
 
@@ -159,14 +159,14 @@ async def execute(engine: AsyncEngine, sql: str) -> None:
         await conn.execute(sa.text(sql))
 
 
-async def claim_with(engine: AsyncEngine, budget: dispatch.Budget, limit: int = 100) -> Any:
+async def claim_with(engine: AsyncEngine, budget: Budget, limit: int = 100) -> Any:
     async with engine.begin() as conn:
         return await dispatch.claim_due(conn, limit=limit, lease_s=60, budget=budget)
 
 
 async def test_the_rate_budget_is_shared_by_concurrent_claimers(engine: AsyncEngine) -> None:
     await add(engine, 50)
-    budget = dispatch.Budget(rate_per_minute=60, account_probe_s=60)  # one a second, burst 1
+    budget = Budget(rate_per_minute=60, account_probe_s=60)  # one a second, burst 1
     await execute(engine, "UPDATE dispatch_control SET tokens = 1, refilled_at = clock_timestamp()")
     rounds = await asyncio.gather(*(claim_with(engine, budget) for _ in range(8)))
     assert sum(len(r.claims) for r in rounds) == 1

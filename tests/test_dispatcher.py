@@ -293,3 +293,27 @@ async def test_retry_and_attempts_of_unknown_subscriptions_are_404(api: Any) -> 
     missing = "/v1/subscriptions/6a1c2e64-6d5e-4bd4-9d56-3b1b1ad2a1b0"
     assert (await api.post(f"{missing}/retry")).status == 404
     assert (await api.get(f"{missing}/attempts")).status == 404
+
+
+async def test_a_rearm_restarts_tracking_and_keeps_the_subscription_active(
+    engine: AsyncEngine, make_dispatcher: MakeDispatcher, shipengine: RunningSimulator
+) -> None:
+    subscription_id = await subscribe(engine)
+    dispatcher = make_dispatcher()
+    await dispatcher.drain()
+    # An EX was filed: tracking is to restart (what the receiver schedules, made due now).
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE subscriptions SET next_attempt_at = now()"))
+    shipengine.simulator.script("9405511899223197428490", status=400, times=1)
+    assert await dispatcher.drain() == 1
+    row = await row_of(engine, subscription_id)
+    # A restart ShipEngine refuses leaves tracking as it was, the error visible.
+    assert (row["state"], row["due_in"]) == ("active", None)
+    assert row["last_error"]["http_status"] == 400
+
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE subscriptions SET next_attempt_at = now()"))
+    assert await dispatcher.drain() == 1
+    row = await row_of(engine, subscription_id)
+    assert (row["state"], row["due_in"], row["last_error"]) == ("active", None, None)
+    assert len(start_calls(shipengine)) == 2

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.tables import dispatch_attempts, dispatch_control, subscriptions
 from service.domain.subscriptions import (
+    Budget,
     CallOutcome,
     Operation,
     OutcomeKind,
@@ -51,14 +52,6 @@ class Claim:
     tracking_number: str
     carrier_id: str | None
     attempt: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """What the account allows: calls a minute (0: unlimited), and how to probe when refused."""
-
-    rate_per_minute: int
-    account_probe_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +93,7 @@ async def claim_due(
     committed claim is not due for anyone else until its lease expires. Expired leases are
     simply due rows, taken back by the same statement.
     """
-    allowed, held_for_s = await _admit(conn, limit, budget)
+    allowed, held_for_s = await admit(conn, limit, budget)
     if allowed == 0:
         return ClaimRound([], held_for_s)
     due = (
@@ -131,9 +124,7 @@ async def claim_due(
     )
     rows = (await conn.execute(claim)).all()
     if rows and budget.rate_per_minute:
-        await conn.execute(
-            sa.update(dispatch_control).values(tokens=dispatch_control.c.tokens - len(rows))
-        )
+        await spend_tokens(conn, len(rows))
     return ClaimRound(
         [
             Claim(
@@ -150,7 +141,7 @@ async def claim_due(
     )
 
 
-async def _admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int, float | None]:
+async def admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int, float | None]:
     """How many calls this claim may make now, or how long to hold off."""
     control = (
         await conn.execute(
@@ -185,6 +176,13 @@ async def _admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int
     if not budget.rate_per_minute:
         return limit, None
     return await _take_tokens(conn, limit, budget.rate_per_minute)
+
+
+async def spend_tokens(conn: AsyncConnection, tokens: int) -> None:
+    """Take calls out of the shared budget (the row is locked since `admit` refilled it)."""
+    await conn.execute(
+        sa.update(dispatch_control).values(tokens=dispatch_control.c.tokens - tokens)
+    )
 
 
 def bucket_shape(rate_per_minute: int) -> tuple[float, float]:
@@ -338,7 +336,7 @@ async def _update_pause(
     refused = [r for r in results if r.outcome.kind is OutcomeKind.ACCOUNT]
     if refused:
         outcome = refused[-1].outcome
-        await _pause(
+        await pause(
             conn, "account", budget.account_probe_s, outcome.as_error(refused[-1].claim.operation)
         )
     elif kinds & {OutcomeKind.ACCEPTED, OutcomeKind.REJECTED}:
@@ -352,10 +350,10 @@ async def _update_pause(
     if limited:
         longest = max(limited, key=lambda r: _pause_s(r.outcome, budget))
         reason = longest.outcome.as_error(longest.claim.operation)
-        await _pause(conn, "rate_limit", _pause_s(longest.outcome, budget), reason)
+        await pause(conn, "rate_limit", _pause_s(longest.outcome, budget), reason)
 
 
-async def _pause(conn: AsyncConnection, kind: str, seconds: float, reason: dict[str, Any]) -> None:
+async def pause(conn: AsyncConnection, kind: str, seconds: float, reason: dict[str, Any]) -> None:
     until = sa.func.clock_timestamp() + timedelta(seconds=seconds)
     new_reason = sa.cast(reason, dispatch_control.c.pause_reason.type)
     is_account = dispatch_control.c.pause_kind == "account"
@@ -412,6 +410,12 @@ async def release(conn: AsyncConnection, claims: Sequence[Claim]) -> None:
 async def database_now(conn: AsyncConnection) -> datetime:
     now: datetime = (await conn.execute(sa.select(sa.func.now()))).scalar_one()
     return now
+
+
+async def work_is_due(conn: AsyncConnection) -> bool:
+    """Whether any start or stop waits now (the reconciler yields the budget to them)."""
+    due = sa.select(subscriptions.c.id).where(subscriptions.c.next_attempt_at <= sa.func.now())
+    return bool((await conn.execute(sa.select(sa.exists(due)))).scalar_one())
 
 
 async def next_due_in_s(conn: AsyncConnection) -> float | None:

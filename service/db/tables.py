@@ -65,6 +65,8 @@ subscriptions = sa.Table(
     _timestamp("last_heard_at"),
     # Delivered (DE/SP) long enough ago: no polls, no re-arms, nothing more to spend.
     _timestamp("done_at"),
+    # When the reconciler last asked ShipEngine about it (GET /v1/tracking).
+    _timestamp("last_polled_at"),
     _timestamp("next_attempt_at"),
     sa.Column("claim_token", pg.UUID(as_uuid=True)),
     _created_at(),
@@ -90,6 +92,13 @@ sa.Index(
     "ix_subscriptions_due",
     subscriptions.c.next_attempt_at,
     postgresql_where=subscriptions.c.next_attempt_at.is_not(None),
+)
+
+# What the reconciler watches: active subscriptions that may still change.
+sa.Index(
+    "ix_subscriptions_watched",
+    subscriptions.c.last_heard_at,
+    postgresql_where=sa.and_(subscriptions.c.state == "active", subscriptions.c.done_at.is_(None)),
 )
 
 webhook_deliveries = sa.Table(

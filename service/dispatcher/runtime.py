@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import structlog
@@ -14,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import health
 from service.api.keys import ENGINE, METRICS, SETTINGS
-from service.db.dispatch import Budget
 from service.db.engine import create_engine
+from service.dispatcher.reconciler import Reconciler
 from service.dispatcher.worker import Dispatcher
 from service.domain.subscriptions import RetryPolicy
+from service.domain.tracking import SILENCE_BEFORE_POLL_S
 from service.metrics import Metrics
 from service.settings import Settings, mask_url
 from service.shipengine.client import ShipEngineClient
@@ -32,18 +33,22 @@ def shipengine_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def shipengine_client(settings: Settings, session: aiohttp.ClientSession) -> ShipEngineClient:
+    return ShipEngineClient(
+        session,
+        base_url=settings.shipengine_base_url,
+        api_key=settings.require_api_key(),
+        timeout_s=settings.shipengine_timeout_s,
+    )
+
+
 def build_dispatcher(
     settings: Settings,
     engine: AsyncEngine,
     session: aiohttp.ClientSession,
     metrics: Metrics | None = None,
 ) -> Dispatcher:
-    client = ShipEngineClient(
-        session,
-        base_url=settings.shipengine_base_url,
-        api_key=settings.require_api_key(),
-        timeout_s=settings.shipengine_timeout_s,
-    )
+    client = shipengine_client(settings, session)
     return Dispatcher(
         engine,
         client.call,
@@ -57,10 +62,27 @@ def build_dispatcher(
             cap_s=settings.dispatch_retry_max_s,
             max_attempts=settings.dispatch_max_attempts,
         ),
-        budget=Budget(
-            rate_per_minute=settings.shipengine_rate_limit_per_minute,
-            account_probe_s=settings.dispatch_account_probe_s,
-        ),
+        budget=settings.budget,
+        metrics=metrics or Metrics(),
+    )
+
+
+def build_reconciler(
+    settings: Settings,
+    engine: AsyncEngine,
+    session: aiohttp.ClientSession,
+    metrics: Metrics | None = None,
+    silence_s: Mapping[str | None, float] = SILENCE_BEFORE_POLL_S,
+) -> Reconciler:
+    return Reconciler(
+        engine,
+        shipengine_client(settings, session),
+        budget=settings.budget,
+        silence_s=silence_s,
+        done_after_s=settings.tracking_done_after_s,
+        interval_s=settings.reconcile_interval_s,
+        batch=settings.reconcile_batch,
+        rearm=settings.rearm_policy,
         metrics=metrics or Metrics(),
     )
 
@@ -72,13 +94,18 @@ async def running(
     """A dispatcher running in the background; on exit it stops and finishes in-flight calls."""
     async with shipengine_session(settings) as session:
         dispatcher = build_dispatcher(settings, engine, session, metrics)
-        task = asyncio.create_task(dispatcher.run(), name="dispatcher")
+        reconciler = build_reconciler(settings, engine, session, metrics)
+        tasks = [
+            asyncio.create_task(dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(reconciler.run(), name="reconciler"),
+        ]
         log.info("dispatcher.started", shipengine=settings.shipengine_base_url)
         try:
             yield dispatcher
         finally:
             dispatcher.stop()
-            await task
+            reconciler.stop()
+            await asyncio.gather(*tasks)
             log.info("dispatcher.stopped")
 
 

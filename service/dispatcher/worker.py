@@ -23,10 +23,10 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import dispatch
-from service.db.dispatch import Budget, CallResult, Claim
+from service.db.dispatch import CallResult, Claim
 from service.db.engine import asyncpg_dsn
 from service.db.errors import is_unavailable
-from service.domain.subscriptions import CallOutcome, Operation, RetryPolicy, Transition
+from service.domain.subscriptions import Budget, CallOutcome, Operation, RetryPolicy, Transition
 from service.metrics import Metrics
 
 log = structlog.get_logger(__name__)

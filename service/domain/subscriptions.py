@@ -89,6 +89,14 @@ class Transition:
 
 
 @dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the account allows: calls a minute (0: unlimited), and how to probe when refused."""
+
+    rate_per_minute: int
+    account_probe_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     base_s: float
     cap_s: float

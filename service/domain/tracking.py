@@ -229,3 +229,16 @@ class RearmPolicy:
 
     max_rearms: int
     delay_s: float
+
+
+# How long a package may stay silent before we ask ShipEngine (GET /v1/tracking) whether a
+# webhook went missing: the closer to delivery, the sooner. Delivered ones are not asked.
+SILENCE_BEFORE_POLL_S: dict[str | None, float] = {
+    None: 24 * 3600.0,  # nothing heard yet
+    "UN": 24 * 3600.0,
+    "NY": 24 * 3600.0,
+    "AC": 24 * 3600.0,
+    "IT": 12 * 3600.0,
+    "EX": 6 * 3600.0,
+    "AT": 4 * 3600.0,
+}

@@ -6,8 +6,10 @@ connection, a timeout), becomes a `CallOutcome`; nothing here raises for an HTTP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -34,6 +36,28 @@ class ShipEngineClient:
     ) -> CallOutcome:
         return await self.call(Operation.STOP, carrier_code, tracking_number, carrier_id)
 
+    async def get_tracking(self, carrier_code: str, tracking_number: str) -> PolledTracking:
+        """GET /v1/tracking: what ShipEngine knows of the package now (the reconciler asks)."""
+        url = f"{self._base_url}/v1/tracking"
+        params = {"carrier_code": carrier_code, "tracking_number": tracking_number}
+        resource_url = f"{url}?{urlencode(params)}"
+        try:
+            async with self._session.get(
+                url, params=params, headers=self._headers, timeout=self._timeout
+            ) as response:
+                body = await response.read()
+                outcome = classify(response.status, body, response.headers.get("Retry-After"))
+        except TimeoutError:
+            outcome = CallOutcome(OutcomeKind.TRANSIENT, message="timed out")
+            body = b""
+        except aiohttp.ClientError as error:
+            outcome = CallOutcome(OutcomeKind.TRANSIENT, message=f"{type(error).__name__}: {error}")
+            body = b""
+        information = _as_information(body) if outcome.kind is OutcomeKind.ACCEPTED else None
+        if outcome.kind is OutcomeKind.ACCEPTED and information is None:
+            outcome = CallOutcome(OutcomeKind.TRANSIENT, outcome.http_status, message="not JSON")
+        return PolledTracking(resource_url, information, outcome)
+
     async def call(
         self,
         operation: Operation,
@@ -56,6 +80,23 @@ class ShipEngineClient:
             return CallOutcome(OutcomeKind.TRANSIENT, message="timed out")
         except aiohttp.ClientError as error:
             return CallOutcome(OutcomeKind.TRANSIENT, message=f"{type(error).__name__}: {error}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolledTracking:
+    """GET /v1/tracking's answer: the package's `tracking_information`, or why there is none."""
+
+    url: str
+    information: dict[str, Any] | None
+    outcome: CallOutcome
+
+
+def _as_information(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def classify(status: int, body: bytes, retry_after: str | None) -> CallOutcome:
