@@ -1,4 +1,4 @@
-"""Entry points: `python -m service {api,dispatcher,migrate,simulator,run}`."""
+"""Entry points: `python -m service {api,dispatcher,migrate,simulator,run,tokens}`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from service import cli_tokens
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
 
@@ -64,12 +65,16 @@ def _settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 0 done, 2 configuration or usage error, 3 nothing found to act on."""
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text)
+    cli_tokens.add_parser(commands)
     args = parser.parse_args(argv)
     try:
+        if args.command == "tokens":
+            raise SystemExit(cli_tokens.run(Settings.from_env(os.environ), args))
         COMMANDS[args.command][0]()
     except SettingsError as error:
         print(f"configuration error: {error}", file=sys.stderr)

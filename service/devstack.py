@@ -19,8 +19,11 @@ import structlog
 from aiohttp import web
 
 from service.api.app import create_app
+from service.db.engine import create_engine
 from service.db.migrate import upgrade
+from service.db.tokens import create_token
 from service.dispatcher import runtime as dispatcher_runtime
+from service.domain.access import Scope
 from service.logs import configure_logging
 from service.settings import Settings
 from service.simulator.app import create_simulator_app
@@ -54,13 +57,14 @@ async def run(environ: Mapping[str, str]) -> None:
             env["SHIPENGINE_BASE_URL"] = simulator.public_url
         settings = Settings.from_env(env)
         await asyncio.to_thread(upgrade, settings.database_url)
+        token = await _local_token(settings)
         app = create_app(settings)
         app.cleanup_ctx.append(dispatcher_runtime.in_app)
         runners.append(await _serve(app, settings.host, settings.port))
         api_url = f"http://{_reachable(settings.host)}:{settings.port}"
         if simulator is not None:
             await _register_webhook(simulator, f"{api_url}/v1/webhooks/shipengine")
-        _print_welcome(api_url, settings)
+        _print_welcome(api_url, settings, token)
         await stop.wait()
     finally:
         for runner in reversed(runners):
@@ -105,19 +109,32 @@ async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
     log.info("devstack.webhook_registered", url=url)
 
 
-def _print_welcome(api_url: str, settings: Settings) -> None:
+async def _local_token(settings: Settings) -> str:
+    """A token with every scope for this run, as `python -m service tokens create` makes."""
+    engine = create_engine(settings.database_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            issued = await create_token(conn, "local", list(Scope))
+    finally:
+        await engine.dispose()
+    return issued.plaintext
+
+
+def _print_welcome(api_url: str, settings: Settings, token: str) -> None:
     body = '{"carrier_code": "stamps_com", "tracking_number": "9405511899223197428490"}'
     print(
         f"""
 Shipment tracking service is up.
   API:        {api_url}   (health: {api_url}/healthz, readiness: {api_url}/readyz)
   ShipEngine: {settings.shipengine_base_url}
+  Token:      {token}   (every scope; this run's, for local use)
 
 Try it:
-  curl -s -X POST {api_url}/v1/subscriptions -H 'Content-Type: application/json' \\
-       -d '{body}'
-  curl -s {api_url}/v1/subscriptions/<id>
-  curl -s {api_url}/v1/subscriptions/<id>/events
+  export TOKEN={token}
+  curl -s -X POST {api_url}/v1/subscriptions -H "Authorization: Bearer $TOKEN" \\
+       -H 'Content-Type: application/json' -d '{body}'
+  curl -s {api_url}/v1/subscriptions/<id> -H "Authorization: Bearer $TOKEN"
+  curl -s {api_url}/v1/subscriptions/<id>/events -H "Authorization: Bearer $TOKEN"
 
 Ctrl-C stops everything.
 """,

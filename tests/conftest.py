@@ -28,8 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.api.app import create_app
 from service.db.engine import asyncpg_dsn, create_engine
 from service.db.migrate import upgrade
+from service.db.tokens import create_token
 from service.dispatcher.runtime import build_dispatcher, shipengine_session
 from service.dispatcher.worker import Dispatcher
+from service.domain.access import Scope
 from service.settings import Settings
 from service.simulator import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app
 
@@ -152,8 +154,22 @@ def make_dispatcher(
 
 
 @pytest.fixture
-async def api(live_settings: Settings) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    """The API over a real HTTP server on loopback, with its own database; ShipEngine's keys
-    come from the simulator."""
-    async with TestClient(TestServer(create_app(live_settings))) as client:
+async def token(engine: AsyncEngine) -> str:
+    """A token of a client with every scope."""
+    async with engine.begin() as conn:
+        issued = await create_token(conn, "tests", list(Scope))
+    return issued.plaintext
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def api(
+    live_settings: Settings, token: str
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """The API over a real HTTP server on loopback, with its own database, called with an
+    all-scopes token; ShipEngine's keys come from the simulator."""
+    async with TestClient(TestServer(create_app(live_settings)), headers=bearer(token)) as client:
         yield client

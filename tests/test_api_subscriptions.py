@@ -275,7 +275,8 @@ async def test_without_a_database_answers_are_503_not_500(settings: Settings) ->
     unreachable = dataclasses.replace(
         settings, database_url="postgresql://postgres@127.0.0.1:9/nowhere"
     )
-    async with TestClient(TestServer(create_app(unreachable))) as api:
+    some_token = {"Authorization": "Bearer tt_0123456789ab_secret"}
+    async with TestClient(TestServer(create_app(unreachable)), headers=some_token) as api:
         assert (await api.get("/healthz")).status == 200
         ready = await api.get("/readyz")
         assert ready.status == 503

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -72,9 +73,12 @@ async def test_run_brings_up_the_whole_product_and_stops_cleanly(tmp_path: Path)
         await asyncio.wait_for(read_until(process.stdout, "Ctrl-C stops", output), 60)
         printed = "".join(output)
         assert f"curl -s -X POST http://127.0.0.1:{api_port}/v1/subscriptions" in printed
+        token = re.search(r"export TOKEN=(\S+)", printed)
+        assert token is not None
+        auth = {"Authorization": f"Bearer {token.group(1)}"}
 
         base = f"http://127.0.0.1:{api_port}"
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=auth) as session:
             body = {"carrier_code": "stamps_com", "tracking_number": "9405511899223197428490"}
             async with session.post(f"{base}/v1/subscriptions", json=body) as response:
                 assert response.status == 202

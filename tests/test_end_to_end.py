@@ -14,18 +14,20 @@ from aiohttp.test_utils import TestClient, TestServer
 from service.api.app import create_app
 from service.dispatcher import runtime as dispatcher_runtime
 from service.settings import Settings
-from tests.conftest import RunningSimulator
+from tests.conftest import RunningSimulator, bearer
 from tests.waiting import eventually
 
 Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
-async def product(live_settings: Settings, shipengine: RunningSimulator) -> AsyncIterator[Client]:
+async def product(
+    live_settings: Settings, shipengine: RunningSimulator, token: str
+) -> AsyncIterator[Client]:
     """API with its in-process dispatcher, registered as the simulator's `track` webhook."""
     app = create_app(live_settings)
     app.cleanup_ctx.append(dispatcher_runtime.in_app)
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(TestServer(app), headers=bearer(token)) as client:
         webhook_url = str(client.make_url("/v1/webhooks/shipengine"))
         async with aiohttp.ClientSession(headers={"API-Key": "TEST_simulator"}) as session:
             registered = await session.post(

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from service.api import health, subscriptions
+from service.api.auth import TOKENS, authenticate
 from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.db.engine import create_engine
@@ -23,11 +24,12 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings) -> web.Application:
     """The API app; reads no environment and holds nothing at module level."""
     app = web.Application(
-        middlewares=[request_context, request_metrics, json_errors],
+        middlewares=[request_context, request_metrics, json_errors, authenticate],
         client_max_size=settings.webhook_max_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[TOKENS] = {}
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
     app.add_routes(health.routes)

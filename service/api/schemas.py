@@ -45,13 +45,14 @@ class SubscriptionIn(BaseModel):
             raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes of JSON")
         return value
 
-    def to_domain(self) -> NewSubscription:
+    def to_domain(self, created_by: str) -> NewSubscription:
         return NewSubscription(
             carrier_code=self.carrier_code,
             tracking_number=self.tracking_number,
             carrier_id=self.carrier_id,
             reference=self.reference,
             metadata=self.metadata,
+            created_by=created_by,
         )
 
 
@@ -69,6 +70,7 @@ class SubscriptionOut(BaseModel):
     actual_delivery_date: datetime | None
     last_event_at: datetime | None
     last_error: dict[str, Any] | None
+    created_by: str | None
     created_at: datetime
     updated_at: datetime
 
@@ -139,6 +141,7 @@ class ListQuery(BaseModel):
     status_code: Annotated[str, StringConstraints(min_length=1, max_length=8)] | None = None
     carrier_code: CarrierCode | None = None
     tracking_number: Identifier | None = None
+    created_by: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
 

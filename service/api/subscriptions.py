@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.api.auth import CLIENT, requires
 from service.api.body import read_json
 from service.api.errors import Conflict, ErrorDetail, NotFound
 from service.api.keys import ENGINE, SETTINGS
@@ -27,14 +28,19 @@ from service.api.schemas import (
 )
 from service.db import subscriptions as queries
 from service.db.deliveries import adopt_orphans
+from service.domain.access import Scope
 
 routes = web.RouteTableDef()
 
+# Whoever may call the API may read subscriptions.
+READERS = (Scope.READ, Scope.WRITE, Scope.OPS)
+
 
 @routes.post("/v1/subscriptions")
+@requires(Scope.WRITE)
 async def subscribe(request: web.Request) -> web.Response:
     """202 with a new subscription; 200 with the live one when the package is tracked already."""
-    new = parse_body(SubscriptionIn, await read_json(request)).to_domain()
+    new = parse_body(SubscriptionIn, await read_json(request)).to_domain(request[CLIENT])
     async with request.app[ENGINE].begin() as conn:
         row, created = await queries.create_subscription(conn, new)
         if created:
@@ -47,6 +53,7 @@ async def subscribe(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/subscriptions")
+@requires(*READERS)
 async def list_subscriptions(request: web.Request) -> web.Response:
     query: ListQuery = parse_query(ListQuery, dict(request.query))
     after = decode_cursor(query.cursor) if query.cursor else None
@@ -55,6 +62,7 @@ async def list_subscriptions(request: web.Request) -> web.Response:
         status_code=query.status_code,
         carrier_code=query.carrier_code,
         tracking_number=query.tracking_number,
+        created_by=query.created_by,
     )
     async with request.app[ENGINE].connect() as conn:
         rows = await queries.list_subscriptions(conn, where, query.limit + 1, after)
@@ -68,6 +76,7 @@ async def list_subscriptions(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/subscriptions/{id}")
+@requires(*READERS)
 async def get_subscription(request: web.Request) -> web.Response:
     subscription_id = _subscription_id(request)
     async with request.app[ENGINE].connect() as conn:
@@ -78,18 +87,21 @@ async def get_subscription(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/subscriptions/{id}/events")
+@requires(*READERS)
 async def list_events(request: web.Request) -> web.Response:
     """The tracking events filed against it, newest first."""
     return await _items_of_subscription(request, queries.list_events, EventList)
 
 
 @routes.get("/v1/subscriptions/{id}/statuses")
+@requires(*READERS)
 async def list_statuses(request: web.Request) -> web.Response:
     """Every change of its status, newest first: when at the carrier, when we learned it."""
     return await _items_of_subscription(request, queries.list_status_changes, StatusChangeList)
 
 
 @routes.get("/v1/subscriptions/{id}/attempts")
+@requires(*READERS)
 async def list_attempts(request: web.Request) -> web.Response:
     """Every ShipEngine call made for it, newest first: what happened when we tried."""
     return await _items_of_subscription(request, queries.list_attempts, AttemptList)
@@ -110,6 +122,7 @@ async def _items_of_subscription(
 
 
 @routes.post("/v1/subscriptions/{id}/retry")
+@requires(Scope.OPS)
 async def retry_subscription(request: web.Request) -> web.Response:
     """202: a failed subscription is pending again, its start due at once."""
     subscription_id = _subscription_id(request)
@@ -131,6 +144,7 @@ async def retry_subscription(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/subscriptions/{id}")
+@requires(Scope.WRITE)
 async def cancel_subscription(request: web.Request) -> web.Response:
     """202: the stop is recorded; the dispatcher tells ShipEngine and then marks it stopped."""
     subscription_id = _subscription_id(request)

@@ -24,7 +24,8 @@ LIVE_INDEX_PREDICATE = sa.text("state <> 'stopped'")
 PUBLIC_COLUMNS = tuple(
     column
     for column in subscriptions.c
-    if column.name not in ("attempts", "next_attempt_at", "claim_token")
+    if column.name
+    not in ("attempts", "next_attempt_at", "claim_token", "rearms", "last_polled_at", "done_at")
 )
 
 
@@ -35,6 +36,7 @@ class NewSubscription:
     carrier_id: str | None = None
     reference: str | None = None
     metadata: dict[str, Any] | None = None
+    created_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class SubscriptionFilter:
     status_code: str | None = None
     carrier_code: str | None = None
     tracking_number: str | None = None
+    created_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,7 @@ async def create_subscription(
             carrier_id=new.carrier_id,
             reference=new.reference,
             metadata=new.metadata,
+            created_by=new.created_by,
             state=SubscriptionState.PENDING.value,
             next_attempt_at=sa.func.now(),
         )

@@ -55,6 +55,8 @@ subscriptions = sa.Table(
     _timestamp("actual_delivery_date"),
     _timestamp("last_event_at"),
     sa.Column("last_error", pg.JSONB(none_as_null=True)),
+    # The API client whose token created it.
+    sa.Column("created_by", sa.Text),
     # Dispatch bookkeeping. `next_attempt_at` is when the row's pending ShipEngine call is due
     # (NULL: nothing to send). A claim pushes it forward by the lease and stamps `claim_token`;
     # only the holder of the token may record the outcome.
@@ -260,3 +262,15 @@ status_changes = sa.Table(
     ),
 )
 sa.Index("ix_status_changes_subscription", status_changes.c.subscription_id, status_changes.c.id)
+
+# API tokens of named clients; the secret is kept only as its SHA-256.
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("token_id", sa.Text, primary_key=True),
+    sa.Column("client", sa.Text, nullable=False),
+    sa.Column("scopes", pg.ARRAY(sa.Text), nullable=False),
+    sa.Column("secret_sha256", sa.LargeBinary, nullable=False),
+    _created_at(),
+    _timestamp("revoked_at"),
+)

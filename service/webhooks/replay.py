@@ -12,11 +12,13 @@ from datetime import datetime
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from service.api.auth import requires
 from service.api.body import read_json
 from service.api.errors import NotFound
 from service.api.keys import ENGINE, SETTINGS
 from service.api.schemas import parse_body
 from service.db import deliveries
+from service.domain.access import Scope
 
 routes = web.RouteTableDef()
 
@@ -36,6 +38,7 @@ class ReplayRange(BaseModel):
 
 
 @routes.post("/v1/webhooks/deliveries/{id}/replay")
+@requires(Scope.OPS)
 async def replay_one(request: web.Request) -> web.Response:
     delivery_id = _delivery_id(request)
     async with request.app[ENGINE].begin() as conn:
@@ -54,6 +57,7 @@ async def replay_one(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/webhooks/deliveries/replay")
+@requires(Scope.OPS)
 async def replay_range(request: web.Request) -> web.Response:
     """Each delivery is re-filed in its own transaction, so a long replay holds no long locks."""
     wanted: ReplayRange = parse_body(ReplayRange, await read_json(request))

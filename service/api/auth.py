@@ -1,0 +1,93 @@
+"""Bearer tokens and scopes for /v1: who is calling, and may they do this?
+
+Every /v1 endpoint but ShipEngine's webhook needs `Authorization: Bearer <token>`; a handler
+names the scope it needs with `@requires(...)`. Missing or unknown token: 401; a token without
+the scope: 403. Verified tokens are cached for TOKEN_CACHE_S, so a revocation takes effect
+within that time and a busy API does not look up its callers on every request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service.api.errors import ApiError, ErrorDetail
+from service.api.keys import ENGINE
+from service.db.tokens import find_token
+from service.domain.access import Scope, read_token
+
+TOKEN_CACHE_S = 30.0
+PUBLIC_PATHS = frozenset({"/v1/webhooks/shipengine"})
+CLIENT = web.RequestKey("client", str)
+TOKENS = web.AppKey("token_cache", dict)
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+def requires(*scopes: Scope) -> Callable[[H], H]:
+    """Mark a handler as needing any one of `scopes`."""
+
+    def mark(handler: H) -> H:
+        handler.__scopes__ = frozenset(scopes)  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith("/v1/") or request.path in PUBLIC_PATHS:
+        return await handler(request)
+    presented = read_token(request.headers.get("Authorization"))
+    if presented is None:
+        raise _unauthorized("an Authorization: Bearer token is required")
+    found = await _client_scopes(request.app, presented.token_id)
+    if found is None or not presented.matches(found[2]):
+        raise _unauthorized("the token is unknown or revoked")
+    client, scopes, _ = found
+    needed: frozenset[Scope] = getattr(_route_handler(request), "__scopes__", frozenset())
+    if needed and not needed & scopes:
+        wanted = " or ".join(sorted(scope.value for scope in needed))
+        raise Forbidden(ErrorDetail("security", "forbidden", f"this needs the scope {wanted}"))
+    request[CLIENT] = client
+    return await handler(request)
+
+
+async def _client_scopes(
+    app: web.Application, token_id: str
+) -> tuple[str, frozenset[Scope], bytes] | None:
+    cache: dict[str, tuple[float, tuple[str, frozenset[Scope], bytes] | None]] = app[TOKENS]
+    cached = cache.get(token_id)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    async with app[ENGINE].connect() as conn:
+        row = await find_token(conn, token_id)
+    found = None
+    if row is not None:
+        known = {scope.value for scope in Scope}
+        scopes = frozenset(Scope(scope) for scope in row["scopes"] if scope in known)
+        found = (row["client"], scopes, bytes(row["secret_sha256"]))
+    if len(cache) > 10_000:  # bounded: unknown ids sent at random must not grow it forever
+        cache.clear()
+    cache[token_id] = (time.monotonic() + TOKEN_CACHE_S, found)
+    return found
+
+
+def _route_handler(request: web.Request) -> object:
+    return request.match_info.handler
+
+
+def _unauthorized(message: str) -> Unauthorized:
+    return Unauthorized(ErrorDetail("security", "unauthorized", message))

@@ -1,0 +1,62 @@
+"""Who may call the API: named clients holding tokens with scopes.
+
+A token is `tt_<id>_<secret>`: the id finds the row, the secret is only ever stored as its
+SHA-256 (it is 256 random bits, so a fast hash is enough: nothing to brute-force) and compared
+in constant time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import secrets
+
+TOKEN_PREFIX = "tt"  # noqa: S105 - the marker that starts every token, not a secret
+
+
+class Scope(enum.StrEnum):
+    READ = "subscriptions:read"  # dashboards
+    WRITE = "subscriptions:write"  # internal callers
+    OPS = "ops"  # retry, replay, pause
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedToken:
+    token_id: str
+    secret_sha256: bytes
+    plaintext: str  # shown once, never stored
+
+
+@dataclasses.dataclass(frozen=True)
+class PresentedToken:
+    token_id: str
+    secret: str
+
+    def matches(self, secret_sha256: bytes) -> bool:
+        return hmac.compare_digest(_digest(self.secret), secret_sha256)
+
+
+def issue_token() -> IssuedToken:
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return IssuedToken(token_id, _digest(secret), f"{TOKEN_PREFIX}_{token_id}_{secret}")
+
+
+def read_token(authorization: str | None) -> PresentedToken | None:
+    """The token of an `Authorization: Bearer ...` header, if it has a token's shape."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    prefix, _, rest = value.strip().partition("_")
+    token_id, _, secret = rest.partition("_")
+    if prefix != TOKEN_PREFIX or not token_id or not secret:
+        return None
+    return PresentedToken(token_id, secret)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
