@@ -8,10 +8,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from service.api import health, subscriptions
+from service.api import health, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
+from service.api.ops import SUMMARY
 from service.db.engine import create_engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -30,10 +31,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[TOKENS] = {}
+    app[SUMMARY] = {}
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)
+    app.add_routes(ops.routes)
     app.add_routes(receiver.routes)
     app.add_routes(replay.routes)
     return app

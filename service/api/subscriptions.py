@@ -78,7 +78,7 @@ async def list_subscriptions(request: web.Request) -> web.Response:
 @routes.get("/v1/subscriptions/{id}")
 @requires(*READERS)
 async def get_subscription(request: web.Request) -> web.Response:
-    subscription_id = _subscription_id(request)
+    subscription_id = subscription_id_of(request)
     async with request.app[ENGINE].connect() as conn:
         row = await queries.get_subscription(conn, subscription_id)
     if row is None:
@@ -112,7 +112,7 @@ async def _items_of_subscription(
     fetch: Callable[[AsyncConnection, uuid.UUID], Awaitable[list[RowMapping]]],
     model: type[BaseModel],
 ) -> web.Response:
-    subscription_id = _subscription_id(request)
+    subscription_id = subscription_id_of(request)
     async with request.app[ENGINE].connect() as conn:
         if await queries.get_subscription(conn, subscription_id) is None:
             raise NotFound.resource("subscription")
@@ -125,7 +125,7 @@ async def _items_of_subscription(
 @requires(Scope.OPS)
 async def retry_subscription(request: web.Request) -> web.Response:
     """202: a failed subscription is pending again, its start due at once."""
-    subscription_id = _subscription_id(request)
+    subscription_id = subscription_id_of(request)
     async with request.app[ENGINE].begin() as conn:
         row = await queries.retry_failed(conn, subscription_id)
         if row is None:
@@ -147,7 +147,7 @@ async def retry_subscription(request: web.Request) -> web.Response:
 @requires(Scope.WRITE)
 async def cancel_subscription(request: web.Request) -> web.Response:
     """202: the stop is recorded; the dispatcher tells ShipEngine and then marks it stopped."""
-    subscription_id = _subscription_id(request)
+    subscription_id = subscription_id_of(request)
     async with request.app[ENGINE].begin() as conn:
         row = await queries.request_stop(conn, subscription_id)
     if row is None:
@@ -155,7 +155,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
     return web.json_response(subscription_json(row), status=202)
 
 
-def _subscription_id(request: web.Request) -> uuid.UUID:
+def subscription_id_of(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["id"])
     except ValueError:

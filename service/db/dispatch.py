@@ -353,25 +353,49 @@ async def _update_pause(
         await pause(conn, "rate_limit", _pause_s(longest.outcome, budget), reason)
 
 
+# Which pause wins when two meet: ops' deliberate one, then the account's, then a 429's.
+_PAUSE_PRECEDENCE = ("rate_limit", "account", "manual")
+
+
 async def pause(conn: AsyncConnection, kind: str, seconds: float, reason: dict[str, Any]) -> None:
+    """Pause all dispatching; a stronger pause in force keeps its kind and reason."""
     until = sa.func.clock_timestamp() + timedelta(seconds=seconds)
-    new_reason = sa.cast(reason, dispatch_control.c.pause_reason.type)
-    is_account = dispatch_control.c.pause_kind == "account"
+    stronger = _PAUSE_PRECEDENCE[_PAUSE_PRECEDENCE.index(kind) + 1 :]
+    keeps = dispatch_control.c.pause_kind.in_(stronger) if stronger else sa.false()
     await conn.execute(
         sa.update(dispatch_control).values(
             # Only ever lengthened: several dispatchers hit by the same 429 pause once.
             paused_until=sa.func.greatest(dispatch_control.c.paused_until, until),
-            # An account pause is the stronger one; a 429 neither ends nor explains it.
-            pause_kind=kind if kind == "account" else sa.case((is_account, "account"), else_=kind),
-            pause_reason=new_reason
-            if kind == "account"
-            else sa.case((is_account, dispatch_control.c.pause_reason), else_=new_reason),
+            pause_kind=sa.case((keeps, dispatch_control.c.pause_kind), else_=kind),
+            pause_reason=sa.case(
+                (keeps, dispatch_control.c.pause_reason),
+                else_=sa.cast(reason, dispatch_control.c.pause_reason.type),
+            ),
         )
     )
 
 
+async def pause_by_hand(conn: AsyncConnection, reason: dict[str, Any]) -> None:
+    """Ops stop all dispatching until they resume it (`resume`)."""
+    await conn.execute(
+        sa.update(dispatch_control).values(
+            paused_until=sa.text("'infinity'::timestamptz"),
+            pause_kind="manual",
+            pause_reason=sa.cast(reason, dispatch_control.c.pause_reason.type),
+        )
+    )
+
+
+async def resume(conn: AsyncConnection) -> None:
+    """End any pause now; an account that is still refused pauses again on the next call."""
+    await conn.execute(
+        sa.update(dispatch_control).values(paused_until=None, pause_kind=None, pause_reason=None)
+    )
+
+
 async def current_pause(conn: AsyncConnection) -> Pause | None:
-    """The pause in force, if any (an account pause stays in force between probes)."""
+    """The pause in force, if any (an account pause stays in force between its probes, a manual
+    one until ops resume)."""
     row = (
         await conn.execute(
             sa.select(
@@ -383,7 +407,7 @@ async def current_pause(conn: AsyncConnection) -> Pause | None:
         )
     ).one()
     until, kind, reason, now = row
-    if kind is None or until is None or (kind != "account" and until <= now):
+    if kind is None or until is None or (kind == "rate_limit" and until <= now):
         return None
     return Pause(until=until, kind=kind, reason=reason)
 

@@ -96,6 +96,8 @@ sa.Index(
     postgresql_where=subscriptions.c.next_attempt_at.is_not(None),
 )
 
+# Ops views by state: stuck pending ones, failed ones.
+sa.Index("ix_subscriptions_state_created", subscriptions.c.state, subscriptions.c.created_at)
 # What the reconciler watches: active subscriptions that may still change.
 sa.Index(
     "ix_subscriptions_watched",
@@ -235,7 +237,7 @@ dispatch_control = sa.Table(
     sa.Column("pause_kind", sa.Text),
     sa.Column("pause_reason", pg.JSONB(none_as_null=True)),
     sa.CheckConstraint("id = 1", name="single_row"),
-    sa.CheckConstraint("pause_kind IN ('rate_limit', 'account')", name="pause_kind"),
+    sa.CheckConstraint("pause_kind IN ('rate_limit', 'account', 'manual')", name="pause_kind"),
 )
 
 # Every change of a subscription's status: when it happened at the carrier, when we learned it.
