@@ -1,4 +1,4 @@
-"""Entry points: `python -m service {api,dispatcher,migrate,simulator,run,tokens}`."""
+"""The service's processes (api, dispatcher, migrate, simulator, run) and its ops commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from service import cli_tokens
+from service import cli_ops, cli_tokens
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
 
@@ -65,16 +65,20 @@ def _settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Exit codes: 0 done, 2 configuration or usage error, 3 nothing found to act on."""
+    """Exit codes: 0 done, 2 configuration or usage error, 3 nothing found to act on,
+    4 the action does not apply, 5 ShipEngine refused."""
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text)
     cli_tokens.add_parser(commands)
+    cli_ops.add_parsers(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "tokens":
             raise SystemExit(cli_tokens.run(Settings.from_env(os.environ), args))
+        if args.command not in COMMANDS:
+            raise SystemExit(cli_ops.run(Settings.from_env(os.environ), args))
         COMMANDS[args.command][0]()
     except SettingsError as error:
         print(f"configuration error: {error}", file=sys.stderr)

@@ -12,7 +12,6 @@ import asyncio
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
@@ -26,6 +25,7 @@ from service.dispatcher import runtime as dispatcher_runtime
 from service.domain.access import Scope
 from service.logs import configure_logging
 from service.settings import Settings
+from service.shipengine.client import ShipEngineClient
 from service.simulator.app import create_simulator_app
 from service.simulator.config import SimulatorConfig
 
@@ -93,19 +93,11 @@ async def _serve(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
     """Point the simulator's `track` webhook at us, as one does once with ShipEngine."""
-    base = f"{simulator.public_url}/v1/environment/webhooks"
-    headers = {"API-Key": simulator.api_key}
-    async with aiohttp.ClientSession(headers=headers) as session:
-        async with session.get(base) as response:
-            existing: list[dict[str, Any]] = await response.json()
-        track = next((hook for hook in existing if hook.get("event") == "track"), None)
-        if track is None:
-            async with session.post(base, json={"event": "track", "url": url}) as response:
-                response.raise_for_status()
-        else:
-            hook_url = f"{base}/{track['webhook_id']}"
-            async with session.put(hook_url, json={"url": url}) as response:
-                response.raise_for_status()
+    async with aiohttp.ClientSession() as session:
+        client = ShipEngineClient(
+            session, base_url=simulator.public_url, api_key=simulator.api_key, timeout_s=10
+        )
+        await client.register_track_webhook(url)
     log.info("devstack.webhook_registered", url=url)
 
 

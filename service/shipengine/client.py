@@ -58,6 +58,39 @@ class ShipEngineClient:
             outcome = CallOutcome(OutcomeKind.TRANSIENT, outcome.http_status, message="not JSON")
         return PolledTracking(resource_url, information, outcome)
 
+    async def register_track_webhook(
+        self, url: str, headers: dict[str, str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create or update the account's one `track` webhook; returns ("created"|"updated", it).
+
+        ShipEngine allows one URL per event, so an existing `track` webhook is pointed at `url`.
+        Raises aiohttp.ClientResponseError when ShipEngine refuses.
+        """
+        base = f"{self._base_url}/v1/environment/webhooks"
+        custom = [{"key": key, "value": value} for key, value in (headers or {}).items()]
+        async with self._session.get(base, headers=self._headers, timeout=self._timeout) as found:
+            found.raise_for_status()
+            existing: list[dict[str, Any]] = await found.json()
+        track = next((hook for hook in existing if hook.get("event") == "track"), None)
+        wanted: dict[str, Any] = {"url": url, "headers": custom}
+        if track is None:
+            async with self._session.post(
+                base,
+                json={"event": "track", **wanted},
+                headers=self._headers,
+                timeout=self._timeout,
+            ) as created:
+                created.raise_for_status()
+                return "created", await created.json()
+        async with self._session.put(
+            f"{base}/{track['webhook_id']}",
+            json=wanted,
+            headers=self._headers,
+            timeout=self._timeout,
+        ) as updated:
+            updated.raise_for_status()
+        return "updated", {**track, **wanted}
+
     async def call(
         self,
         operation: Operation,
