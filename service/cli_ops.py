@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import uuid
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.api.schemas import subscription_json
 from service.db import deliveries, dispatch
 from service.db import subscriptions as queries
-from service.db.engine import create_engine
+from service.db.engine import engine_from
 from service.settings import Settings
 from service.shipengine.client import ShipEngineClient
 
@@ -88,7 +89,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _in_transaction(settings: Settings, args: argparse.Namespace, command: Command) -> int:
-    engine = create_engine(settings.database_url, pool_size=1)
+    engine = engine_from(dataclasses.replace(settings, database_pool_size=1))
     try:
         async with engine.begin() as conn:
             return await command(conn, settings, args)

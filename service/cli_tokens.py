@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 
 from sqlalchemy.engine import RowMapping
 
-from service.db.engine import create_engine
+from service.db.engine import engine_from
 from service.db.tokens import create_token, list_tokens, revoke_token
 from service.domain.access import Scope
 from service.settings import Settings
@@ -44,7 +45,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    engine = create_engine(settings.database_url, pool_size=1)
+    engine = engine_from(dataclasses.replace(settings, database_pool_size=1))
     try:
         async with engine.begin() as conn:
             if args.action == "create":

@@ -9,6 +9,7 @@ the real one is a deliberate act (see the README).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from service.api.app import create_app
-from service.db.engine import create_engine
+from service.db.engine import engine_from
 from service.db.migrate import upgrade
 from service.db.tokens import create_token
 from service.dispatcher import runtime as dispatcher_runtime
@@ -103,7 +104,7 @@ async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
 
 async def _local_token(settings: Settings) -> str:
     """A token with every scope for this run, as `python -m service tokens create` makes."""
-    engine = create_engine(settings.database_url, pool_size=1)
+    engine = engine_from(dataclasses.replace(settings, database_pool_size=1))
     try:
         async with engine.begin() as conn:
             issued = await create_token(conn, "local", list(Scope))

@@ -48,6 +48,10 @@ class Settings:
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
     database_pool_size: int = 10
     """DATABASE_POOL_SIZE: connections each process keeps to PostgreSQL."""
+    database_read_url: str | None = None
+    """DATABASE_READ_URL: a replica for dashboard reads (lists, ops views); unset: the primary."""
+    database_statement_cache: bool = True
+    """DATABASE_STATEMENT_CACHE: false behind PgBouncer in transaction mode."""
     dispatch_concurrency: int = 32
     """DISPATCH_CONCURRENCY: ShipEngine calls one dispatcher keeps in flight at most."""
     dispatch_lease_s: float = 60.0
@@ -132,6 +136,10 @@ class Settings:
                 cls.shipengine_rate_limit_per_minute,
             ),
             log_level=optional("LOG_LEVEL", log_level, cls.log_level),
+            database_read_url=optional("DATABASE_READ_URL", postgres_url, None),
+            database_statement_cache=optional(
+                "DATABASE_STATEMENT_CACHE", boolean, cls.database_statement_cache
+            ),
             database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
             dispatch_concurrency=optional(
                 "DISPATCH_CONCURRENCY", positive_int, cls.dispatch_concurrency

@@ -10,10 +10,10 @@ from aiohttp import web
 
 from service.api import health, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
-from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
+from service.api.keys import ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY
-from service.db.engine import create_engine
+from service.db.engine import engine_from
 from service.metrics import Metrics
 from service.settings import Settings
 from service.webhooks import receiver, replay
@@ -43,11 +43,16 @@ def create_app(settings: Settings) -> web.Application:
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
+    """The primary's engine, and the replica's for dashboard reads (the primary's if none)."""
     settings = app[SETTINGS]
-    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
-    app[ENGINE] = engine
+    app[ENGINE] = engine_from(settings)
+    app[READ_ENGINE] = (
+        engine_from(settings, read_only=True) if settings.database_read_url else app[ENGINE]
+    )
     yield
-    await engine.dispose()
+    await app[ENGINE].dispose()
+    if app[READ_ENGINE] is not app[ENGINE]:
+        await app[READ_ENGINE].dispose()
 
 
 async def _webhook_keys(app: web.Application) -> AsyncIterator[None]:

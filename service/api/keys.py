@@ -9,5 +9,7 @@ from service.webhooks.signatures import SignatureVerifier
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
+# Reads that may lag a little (lists, ops views): the replica when one is configured.
+READ_ENGINE = web.AppKey("read_engine", AsyncEngine)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from service.api.auth import CLIENT, requires
 from service.api.body import read_json
 from service.api.errors import NotFound
-from service.api.keys import ENGINE
+from service.api.keys import ENGINE, READ_ENGINE
 from service.api.schemas import parse_body, parse_query, subscription_json
 from service.api.subscriptions import READERS, subscription_id_of
 from service.db import dispatch, ops
@@ -63,7 +63,7 @@ class PauseRequest(BaseModel):
 async def summary(request: web.Request) -> web.Response:
     cached: dict[str, Any] = request.app[SUMMARY]
     if cached.get("expires", 0.0) < time.monotonic():
-        async with request.app[ENGINE].connect() as conn:
+        async with request.app[READ_ENGINE].connect() as conn:
             document = await ops.summary(conn)
             document["as_of"] = (await dispatch.database_now(conn)).isoformat()
         cached.update(document=document, expires=time.monotonic() + SUMMARY_TTL_S)
@@ -91,7 +91,7 @@ async def stuck(request: web.Request) -> web.Response:
         silent_for=timedelta(hours=query.silent_hours),
         limit=query.limit,
     )
-    async with request.app[ENGINE].connect() as conn:
+    async with request.app[READ_ENGINE].connect() as conn:
         found = await ops.stuck(conn, limits)
     return web.json_response(
         {name: [subscription_json(row) for row in rows] for name, rows in found.items()}
@@ -102,7 +102,7 @@ async def stuck(request: web.Request) -> web.Response:
 @requires(*READERS)
 async def failures(request: web.Request) -> web.Response:
     query: FailuresQuery = parse_query(FailuresQuery, dict(request.query))
-    async with request.app[ENGINE].connect() as conn:
+    async with request.app[READ_ENGINE].connect() as conn:
         groups = await ops.failures(conn, query.per_code)
     return web.json_response(
         {

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.api.auth import CLIENT, requires
 from service.api.body import read_json
 from service.api.errors import Conflict, ErrorDetail, NotFound
-from service.api.keys import ENGINE, SETTINGS
+from service.api.keys import ENGINE, READ_ENGINE, SETTINGS
 from service.api.schemas import (
     AttemptList,
     EventList,
@@ -64,7 +64,7 @@ async def list_subscriptions(request: web.Request) -> web.Response:
         tracking_number=query.tracking_number,
         created_by=query.created_by,
     )
-    async with request.app[ENGINE].connect() as conn:
+    async with request.app[READ_ENGINE].connect() as conn:
         rows = await queries.list_subscriptions(conn, where, query.limit + 1, after)
     page, more = rows[: query.limit], len(rows) > query.limit
     return web.json_response(

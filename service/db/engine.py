@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from service.settings import Settings
+
 
 def sqlalchemy_url(database_url: str) -> URL:
     """`postgresql://...` (the setting's form) as SQLAlchemy's asyncpg URL."""
@@ -20,12 +22,35 @@ def asyncpg_dsn(database_url: str) -> str:
     )
 
 
-def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(
+    database_url: str, *, pool_size: int = 10, statement_cache: bool = True
+) -> AsyncEngine:
+    """`statement_cache=False` for PgBouncer in transaction mode, where a prepared statement
+    made on one server connection may be missing on the next."""
+    url = sqlalchemy_url(database_url)
+    connect_args: dict[str, object] = {
+        # Timestamps are read and written in UTC whatever the server's default zone.
+        "server_settings": {"timezone": "UTC", "application_name": "tracking"},
+    }
+    if not statement_cache:
+        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+        connect_args["statement_cache_size"] = 0
     return create_async_engine(
-        sqlalchemy_url(database_url),
+        url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        # Timestamps are read and written in UTC whatever the server's default zone.
-        connect_args={"server_settings": {"timezone": "UTC", "application_name": "tracking"}},
+        connect_args=connect_args,
+    )
+
+
+def engine_from(settings: Settings, *, read_only: bool = False) -> AsyncEngine:
+    """The primary's engine, or with `read_only` the replica's when DATABASE_READ_URL is set."""
+    url = settings.database_url
+    if read_only and settings.database_read_url:
+        url = settings.database_read_url
+    return create_engine(
+        url,
+        pool_size=settings.database_pool_size,
+        statement_cache=settings.database_statement_cache,
     )

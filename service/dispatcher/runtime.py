@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import health
 from service.api.keys import ENGINE, METRICS, SETTINGS
-from service.db.engine import create_engine
+from service.db.engine import engine_from
 from service.dispatcher.reconciler import Reconciler
 from service.dispatcher.worker import Dispatcher
 from service.domain.subscriptions import RetryPolicy
@@ -122,7 +122,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+    engine = engine_from(settings)
     metrics = Metrics()
     log.info("dispatcher.database", url=mask_url(settings.database_url))
     status_site = await _serve_status(settings, engine, metrics)
