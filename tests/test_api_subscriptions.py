@@ -284,3 +284,41 @@ async def test_without_a_database_answers_are_503_not_500(settings: Settings) ->
         response = await api.post("/v1/subscriptions", json=PACKAGE)
         assert response.status == 503
         assert_error(await response.json(), "database_unavailable")
+
+
+async def test_a_batch_is_answered_item_by_item(api: Client) -> None:
+    existing = await subscribe(api, {"carrier_code": "ups", "tracking_number": "OLD1"})
+    items = [
+        {"carrier_code": "ups", "tracking_number": "NEW1", "reference": "r1"},
+        {"carrier_code": "UPS", "tracking_number": "BAD"},
+        {"carrier_code": "ups", "tracking_number": "OLD1"},
+        {"carrier_code": "ups", "tracking_number": "NEW1"},
+        {"carrier_code": "fedex", "tracking_number": "NEW2"},
+    ]
+    response = await api.post("/v1/subscriptions/batch", json={"subscriptions": items})
+    assert response.status == 200
+    results = (await response.json())["results"]
+    assert [(r["index"], r["status"]) for r in results] == [
+        (0, 202),
+        (1, 422),
+        (2, 200),
+        (3, 200),
+        (4, 202),
+    ]
+    assert results[1]["errors"][0]["field_name"] == "carrier_code"
+    assert results[2]["subscription"]["id"] == existing["id"]
+    assert results[3]["subscription"]["id"] == results[0]["subscription"]["id"]
+    assert results[0]["subscription"]["reference"] == "r1"
+    listed = await (await api.get("/v1/subscriptions?limit=10")).json()
+    assert len(listed["items"]) == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"subscriptions": []}, {"subscriptions": [{}] * 1001}, {"subscriptions": "x"}, {"s": []}],
+)
+async def test_malformed_batches_get_422(api: Client, body: dict[str, Any]) -> None:
+    response = await api.post("/v1/subscriptions/batch", json=body)
+    assert response.status == 422
+    fields = {error["field_name"] for error in (await response.json())["errors"]}
+    assert "subscriptions" in fields

@@ -334,3 +334,12 @@ async def test_an_exception_rearms_tracking_a_limited_number_of_times(
         await hooks.deliver(body)
     state = await get(api, f"/v1/subscriptions/{subscription['id']}")
     assert state["state"] == "active"
+
+
+async def test_a_batch_adopts_orphans_too(api: Client, hooks: WebhookSender) -> None:
+    await hooks.deliver(track_body(NUMBER, "stamps_com", 2))
+    items = [{"carrier_code": "stamps_com", "tracking_number": NUMBER}]
+    results = (
+        await (await api.post("/v1/subscriptions/batch", json={"subscriptions": items})).json()
+    )["results"]
+    assert results[0]["subscription"]["status_code"] == "IT"

@@ -56,6 +56,17 @@ class SubscriptionIn(BaseModel):
         )
 
 
+BATCH_MAX = 1000
+
+
+class BatchIn(BaseModel):
+    """Items are validated one by one (each answered on its own), so here they are just objects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subscriptions: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=BATCH_MAX)]
+
+
 class SubscriptionOut(BaseModel):
     id: uuid.UUID
     carrier_code: str

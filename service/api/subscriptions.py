@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -12,10 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api.auth import CLIENT, requires
 from service.api.body import read_json
-from service.api.errors import Conflict, ErrorDetail, NotFound
+from service.api.errors import ApiError, Conflict, ErrorDetail, NotFound
 from service.api.keys import ENGINE, READ_ENGINE, SETTINGS
 from service.api.schemas import (
     AttemptList,
+    BatchIn,
     EventList,
     ListQuery,
     StatusChangeList,
@@ -28,6 +30,7 @@ from service.api.schemas import (
 )
 from service.db import subscriptions as queries
 from service.db.deliveries import adopt_orphans
+from service.db.subscriptions import NewSubscription
 from service.domain.access import Scope
 
 routes = web.RouteTableDef()
@@ -41,15 +44,54 @@ READERS = (Scope.READ, Scope.WRITE, Scope.OPS)
 async def subscribe(request: web.Request) -> web.Response:
     """202 with a new subscription; 200 with the live one when the package is tracked already."""
     new = parse_body(SubscriptionIn, await read_json(request)).to_domain(request[CLIENT])
-    async with request.app[ENGINE].begin() as conn:
-        row, created = await queries.create_subscription(conn, new)
-        if created:
-            # Deliveries that came before their subscription are filed now, in the same
-            # transaction: the subscription is never seen without the history already known.
-            rearm = request.app[SETTINGS].rearm_policy
-            if await adopt_orphans(conn, new.carrier_code, new.tracking_number, rearm):
-                row = await queries.get_subscription(conn, row["id"]) or row
+    ((row, created),) = await _create(request, [new])
     return web.json_response(subscription_json(row), status=202 if created else 200)
+
+
+@routes.post("/v1/subscriptions/batch")
+@requires(Scope.WRITE)
+async def subscribe_many(request: web.Request) -> web.Response:
+    """Up to 1,000 at once, each validated and answered on its own, like the single form:
+    `{"results": [{"index", "status": 202|200|422, "subscription"|"errors"}]}`."""
+    batch: BatchIn = parse_body(BatchIn, await read_json(request))
+    results: list[dict[str, Any]] = [{} for _ in batch.subscriptions]
+    valid: list[tuple[int, NewSubscription]] = []
+    for index, item in enumerate(batch.subscriptions):
+        try:
+            new = parse_body(SubscriptionIn, item).to_domain(request[CLIENT])
+        except ApiError as invalid:
+            results[index] = {
+                "index": index,
+                "status": invalid.status,
+                "errors": [detail.as_json() for detail in invalid.details],
+            }
+            continue
+        valid.append((index, new))
+    created = await _create(request, [new for _, new in valid]) if valid else []
+    for (index, _), (row, is_new) in zip(valid, created, strict=True):
+        status = 202 if is_new else 200
+        results[index] = {"index": index, "status": status, "subscription": subscription_json(row)}
+    return web.json_response({"results": results})
+
+
+async def _create(
+    request: web.Request, news: list[NewSubscription]
+) -> list[tuple[RowMapping, bool]]:
+    async with request.app[ENGINE].begin() as conn:
+        made = await queries.create_subscriptions(conn, news)
+        # Deliveries that came before their subscription are filed now, in the same
+        # transaction: a subscription is never seen without the history already known.
+        fresh = [(row["carrier_code"], row["tracking_number"]) for row, new in made if new]
+        rearm = request.app[SETTINGS].rearm_policy
+        adopted = await adopt_orphans(conn, fresh, rearm) if fresh else set()
+        if adopted:
+            made = [
+                (await queries.get_subscription(conn, row["id"]) or row, new)
+                if (row["carrier_code"], row["tracking_number"]) in adopted
+                else (row, new)
+                for row, new in made
+            ]
+    return made
 
 
 @routes.get("/v1/subscriptions")

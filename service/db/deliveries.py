@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -272,26 +273,37 @@ def _should_rearm(subscription: Row[Any], update: TrackingUpdate, rearm: RearmPo
 
 
 async def adopt_orphans(
-    conn: AsyncConnection, carrier_code: str, tracking_number: str, rearm: RearmPolicy
-) -> int:
-    """File the deliveries that came before their subscription; returns how many."""
+    conn: AsyncConnection, packages: Sequence[tuple[str, str]], rearm: RearmPolicy
+) -> set[tuple[str, str]]:
+    """File the deliveries that came before their subscriptions; returns the packages that
+    had some, as (carrier_code, tracking_number). One indexed query when none had any."""
+    wanted = set(packages)
     orphans = (
         await conn.execute(
-            sa.select(webhook_deliveries.c.id, webhook_deliveries.c.body)
+            sa.select(
+                webhook_deliveries.c.id,
+                webhook_deliveries.c.body,
+                webhook_deliveries.c.carrier_code,
+                webhook_deliveries.c.tracking_number,
+            )
             .where(
-                webhook_deliveries.c.tracking_number == tracking_number,
+                webhook_deliveries.c.tracking_number.in_({number for _, number in wanted}),
                 webhook_deliveries.c.outcome == "orphan",
-                sa.or_(
-                    webhook_deliveries.c.carrier_code == carrier_code,
-                    webhook_deliveries.c.carrier_code.is_(None),
-                ),
             )
             .order_by(webhook_deliveries.c.id)
         )
     ).all()
+    adopted = set()
     for orphan in orphans:
-        await file_delivery(conn, orphan.id, _reparse(orphan.body), rearm)
-    return len(orphans)
+        # A delivery without a carrier code belongs to whichever carrier has its number.
+        matches = [(c, n) for c, n in wanted if n == orphan.tracking_number]
+        match = next((p for p in matches if p[0] == orphan.carrier_code), None)
+        if match is None and orphan.carrier_code is None and matches:
+            match = matches[0]
+        if match is not None:
+            await file_delivery(conn, orphan.id, _reparse(orphan.body), rearm)
+            adopted.add(match)
+    return adopted
 
 
 def _reparse(body: bytes) -> TrackingUpdate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -61,20 +62,63 @@ async def create_subscription(
 ) -> tuple[RowMapping, bool]:
     """Insert the subscription with its start due now, or return the live one for its package.
 
-    Returns (row, created). The partial unique index on live packages makes this safe under
-    concurrent requests: the loser of a race inserts nothing and reads the winner's row.
+    Returns (row, created).
     """
+    ((row, created),) = await create_subscriptions(conn, [new])
+    return row, created
+
+
+async def create_subscriptions(
+    conn: AsyncConnection, news: Sequence[NewSubscription]
+) -> list[tuple[RowMapping, bool]]:
+    """Many at once, in one INSERT: for each, its new row, or the live one of its package.
+
+    The partial unique index on live packages makes this safe under concurrent requests: the
+    loser of a race inserts nothing and reads the winner's row. The same package twice in one
+    batch is created once.
+    """
+    first_of: dict[tuple[str, str], NewSubscription] = {}
+    for new in news:
+        first_of.setdefault((new.tracking_number, new.carrier_code), new)
+    found: dict[tuple[str, str], tuple[RowMapping, bool]] = {}
+    # A live row that blocked the insert can be stopped before we read it; then insert again.
+    for _ in range(3):
+        wanted = [new for key, new in first_of.items() if key not in found]
+        if not wanted:
+            break
+        for row in await _insert_new(conn, wanted):
+            found[(row["tracking_number"], row["carrier_code"])] = (row, True)
+        missing = [key for key in first_of if key not in found]
+        for row in await _find_live_many(conn, missing):
+            found[(row["tracking_number"], row["carrier_code"])] = (row, False)
+    if len(found) < len(first_of):
+        raise RuntimeError("subscriptions kept changing under concurrent stops")
+    results, seen = [], set()
+    for new in news:
+        key = (new.tracking_number, new.carrier_code)
+        row, created = found[key]
+        results.append((row, created and key not in seen))
+        seen.add(key)
+    return results
+
+
+async def _insert_new(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[RowMapping]:
     insert = (
         pg_insert(subscriptions)
         .values(
-            carrier_code=new.carrier_code,
-            tracking_number=new.tracking_number,
-            carrier_id=new.carrier_id,
-            reference=new.reference,
-            metadata=new.metadata,
-            created_by=new.created_by,
-            state=SubscriptionState.PENDING.value,
-            next_attempt_at=sa.func.now(),
+            [
+                {
+                    "carrier_code": new.carrier_code,
+                    "tracking_number": new.tracking_number,
+                    "carrier_id": new.carrier_id,
+                    "reference": new.reference,
+                    "metadata": new.metadata,
+                    "created_by": new.created_by,
+                    "state": SubscriptionState.PENDING.value,
+                    "next_attempt_at": sa.func.now(),
+                }
+                for new in news
+            ]
         )
         .on_conflict_do_nothing(
             index_elements=[subscriptions.c.tracking_number, subscriptions.c.carrier_code],
@@ -82,26 +126,18 @@ async def create_subscription(
         )
         .returning(*PUBLIC_COLUMNS)
     )
-    # The live row that blocked the insert can be stopped before we read it; then insert again.
-    for _ in range(3):
-        created = (await conn.execute(insert)).mappings().first()
-        if created is not None:
-            return created, True
-        existing = await find_live(conn, new.carrier_code, new.tracking_number)
-        if existing is not None:
-            return existing, False
-    raise RuntimeError("subscription kept changing under a concurrent stop")
+    return list((await conn.execute(insert)).mappings())
 
 
-async def find_live(
-    conn: AsyncConnection, carrier_code: str, tracking_number: str
-) -> RowMapping | None:
+async def _find_live_many(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+) -> list[RowMapping]:
+    if not keys:
+        return []
     query = sa.select(*PUBLIC_COLUMNS).where(
-        subscriptions.c.tracking_number == tracking_number,
-        subscriptions.c.carrier_code == carrier_code,
-        LIVE,
+        sa.tuple_(subscriptions.c.tracking_number, subscriptions.c.carrier_code).in_(keys), LIVE
     )
-    return (await conn.execute(query)).mappings().first()
+    return list((await conn.execute(query)).mappings())
 
 
 async def get_subscription(conn: AsyncConnection, subscription_id: uuid.UUID) -> RowMapping | None:
