@@ -34,9 +34,12 @@ from service.domain.subscriptions import (
 )
 
 DISPATCH_CHANNEL = "dispatch_due"
-# The bucket holds at most this many seconds of budget (and at least one call), so an idle
-# spell allows only a small burst.
-BURST_S = 0.05
+# The bucket holds at most this many seconds of budget (and at least one call): enough to ride
+# out a short stall without losing budget, small enough that an idle spell allows little burst.
+BURST_S = 0.25
+# Kept unspent: a call reaches ShipEngine some milliseconds after its token is taken, so a
+# minute by arrival time can hold a little more than the same minute by sending time.
+HEADROOM = 0.02
 # A 429 without Retry-After still pauses everyone, for this long.
 DEFAULT_RETRY_AFTER_S = 10.0
 # While paused for the account, how often the other dispatchers look whether it is over.
@@ -93,14 +96,14 @@ async def claim_due(
     committed claim is not due for anyone else until its lease expires. Expired leases are
     simply due rows, taken back by the same statement.
     """
-    allowed, held_for_s = await admit(conn, limit, budget)
-    if allowed == 0:
-        return ClaimRound([], held_for_s)
+    admission = await admit(conn, limit, budget)
+    if admission.allowed == 0:
+        return ClaimRound([], admission.held_for_s)
     due = (
         sa.select(subscriptions.c.id)
         .where(subscriptions.c.next_attempt_at <= (due_by or sa.func.now()))
         .order_by(subscriptions.c.next_attempt_at)
-        .limit(allowed)
+        .limit(admission.allowed)
         .with_for_update(skip_locked=True)
         .cte("due")
     )
@@ -123,8 +126,8 @@ async def claim_due(
         )
     )
     rows = (await conn.execute(claim)).all()
-    if rows and budget.rate_per_minute:
-        await spend_tokens(conn, len(rows))
+    if rows:
+        await spend_tokens(conn, admission, len(rows))
     return ClaimRound(
         [
             Claim(
@@ -141,8 +144,22 @@ async def claim_due(
     )
 
 
-async def admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int, float | None]:
-    """How many calls this claim may make now, or how long to hold off."""
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """How many calls a claim may make, or how long to hold off; and the refilled bucket."""
+
+    allowed: int
+    held_for_s: float | None = None
+    tokens: float | None = None  # what the bucket held after refilling (None: no budget)
+    refilled_at: datetime | None = None
+
+
+async def admit(conn: AsyncConnection, limit: int, budget: Budget) -> Admission:
+    """How many calls this claim may make now, or how long to hold off.
+
+    Holding off writes nothing: a dispatcher kept waiting by the budget or a pause costs the
+    database a read, not a commit.
+    """
     control = (
         await conn.execute(
             sa.select(
@@ -155,7 +172,7 @@ async def admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int,
     ).one()
     kind, paused_for_s = control[0], None if control[1] is None else float(control[1])
     if paused_for_s is not None and paused_for_s > 0:
-        return 0, paused_for_s
+        return Admission(0, paused_for_s)
     if kind == "account":
         # The account was refused: after each probe interval one claimer, and one call, finds
         # out whether it is fixed. The UPDATE's row lock picks exactly one prober.
@@ -171,17 +188,21 @@ async def admit(conn: AsyncConnection, limit: int, budget: Budget) -> tuple[int,
             .returning(dispatch_control.c.id)
         )
         if probe.first() is None:
-            return 0, PAUSE_RECHECK_S
+            return Admission(0, PAUSE_RECHECK_S)
         limit = 1
     if not budget.rate_per_minute:
-        return limit, None
+        return Admission(limit)
     return await _take_tokens(conn, limit, budget.rate_per_minute)
 
 
-async def spend_tokens(conn: AsyncConnection, tokens: int) -> None:
-    """Take calls out of the shared budget (the row is locked since `admit` refilled it)."""
+async def spend_tokens(conn: AsyncConnection, admission: Admission, spent: int) -> None:
+    """Store the refilled bucket less what the claim spent (the row is locked since `admit`)."""
+    if admission.tokens is None:
+        return
     await conn.execute(
-        sa.update(dispatch_control).values(tokens=dispatch_control.c.tokens - tokens)
+        sa.update(dispatch_control).values(
+            tokens=admission.tokens - spent, refilled_at=admission.refilled_at
+        )
     )
 
 
@@ -189,38 +210,28 @@ def bucket_shape(rate_per_minute: int) -> tuple[float, float]:
     """(capacity, refill per second) so that no 60-second window holds more than the rate.
 
     A bucket lets through at most capacity + refill * window calls in any window; refilling
-    at (rate - capacity) / 60 keeps a whole minute at or under the account's limit.
+    at (usable - capacity) / 60 keeps a whole minute under the account's limit, with headroom.
     """
-    capacity = max(1.0, rate_per_minute / 60.0 * BURST_S)
-    return capacity, max(rate_per_minute - capacity, 1.0) / 60.0
+    usable = rate_per_minute * (1 - HEADROOM)
+    capacity = max(1.0, usable / 60.0 * BURST_S)
+    return capacity, max(usable - capacity, 1.0) / 60.0
 
 
-async def _take_tokens(
-    conn: AsyncConnection, limit: int, rate_per_minute: int
-) -> tuple[int, float | None]:
+async def _take_tokens(conn: AsyncConnection, limit: int, rate_per_minute: int) -> Admission:
     """Refill the shared bucket for the time passed and see how many whole calls it holds.
 
-    The UPDATE locks the one row until the claim commits, so concurrent claimers, in this
+    The row stays locked (FOR UPDATE) until the claim commits, so concurrent claimers, in this
     process or any other, take their tokens one after another and never spend the same ones.
     """
     capacity, rate_s = bucket_shape(rate_per_minute)
-    elapsed_s = sa.func.greatest(
-        0, sa.func.extract("epoch", sa.func.clock_timestamp() - dispatch_control.c.refilled_at)
-    )
-    tokens = (
-        await conn.execute(
-            sa.update(dispatch_control)
-            .values(
-                tokens=sa.func.least(capacity, dispatch_control.c.tokens + elapsed_s * rate_s),
-                refilled_at=sa.func.clock_timestamp(),
-            )
-            .returning(dispatch_control.c.tokens)
-        )
-    ).scalar_one()
+    now = sa.func.clock_timestamp()
+    elapsed_s = sa.func.greatest(0, sa.func.extract("epoch", now - dispatch_control.c.refilled_at))
+    available = sa.func.least(capacity, dispatch_control.c.tokens + elapsed_s * rate_s)
+    tokens, at = (await conn.execute(sa.select(available, now).with_for_update())).one()
     whole = min(limit, math.floor(tokens))
     if whole <= 0:
-        return 0, (1.0 - tokens) / rate_s
-    return whole, None
+        return Admission(0, (1.0 - tokens) / rate_s)
+    return Admission(whole, None, float(tokens), at)
 
 
 async def record_outcomes(

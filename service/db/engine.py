@@ -39,7 +39,10 @@ def create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No ping per checkout (three round trips each): after a restart the first statement
+        # on a dead connection fails, SQLAlchemy drops the whole pool, and callers retry (the
+        # dispatcher) or get one 503 (the API).
+        pool_pre_ping=False,
         connect_args=connect_args,
     )
 

@@ -56,8 +56,8 @@ async def claim_silent(
     """
     if await work_is_due(conn):
         return []
-    allowed, _ = await admit(conn, limit, budget)
-    if allowed == 0:
+    admission = await admit(conn, limit, budget)
+    if admission.allowed == 0:
         return []
     # Silent since we last heard or asked, or, never having done either, since it was created.
     heard = sa.func.coalesce(
@@ -85,7 +85,7 @@ async def claim_silent(
             heard < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, threshold_s),
         )
         .order_by(heard)
-        .limit(allowed)
+        .limit(admission.allowed)
         .with_for_update(skip_locked=True)
         .cte("silent")
     )
@@ -98,6 +98,6 @@ async def claim_silent(
         )
     )
     claimed = [Watched(row.id, row.carrier_code, row.tracking_number) for row in rows]
-    if claimed and budget.rate_per_minute:
-        await spend_tokens(conn, len(claimed))
+    if claimed:
+        await spend_tokens(conn, admission, len(claimed))
     return claimed

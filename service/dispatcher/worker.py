@@ -119,14 +119,19 @@ class Dispatcher:
             self._slot_free.clear()
             try:
                 await self._ensure_listening()
+                wanted = self._concurrency - len(self._calls)
                 claimed, held_for_s = await self._claim_and_start()
                 if outage_s:
                     log.info("dispatch.database_back")
                     outage_s = 0.0
                 if len(self._calls) >= self._concurrency:
                     await _wait(self._slot_free, self._poll_interval_s)
-                elif claimed == 0:
-                    await self._sleep_until_work(held_for_s)
+                elif held_for_s is not None:
+                    # The budget or a pause holds claiming back: new work cannot change that,
+                    # so no NOTIFY wakes us and nothing is asked of the database meanwhile.
+                    await _wait(self._stopping, min(held_for_s, self._poll_interval_s))
+                elif claimed < wanted:
+                    await self._sleep_until_work()  # all that was due is taken
             except Exception as error:
                 outage_s = min(max(outage_s * 2, 0.5), OUTAGE_BACKOFF_MAX_S)
                 if is_unavailable(error):
@@ -171,11 +176,14 @@ class Dispatcher:
             )
         )
 
-    async def _sleep_until_work(self, held_for_s: float | None) -> None:
+    async def _sleep_until_work(self) -> None:
+        """Until new work is notified, a retry falls due, or the poll interval passes."""
         async with self._engine.connect() as conn:
             due_in_s = await dispatch.next_due_in_s(conn)
-        candidates = [self._poll_interval_s, due_in_s, held_for_s]
-        await _wait(self._wake, min(s for s in candidates if s is not None))
+        await _wait(
+            self._wake,
+            self._poll_interval_s if due_in_s is None else min(due_in_s, self._poll_interval_s),
+        )
 
     # -- recording ---------------------------------------------------------------------------
 
