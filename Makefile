@@ -23,8 +23,14 @@ install: $(INSTALLED) ## create the virtual environment and install the service 
 run: $(INSTALLED) ## everything, in the foreground: embedded PostgreSQL, simulator, API, dispatcher
 	$(BIN)/python -m service run
 
+.PHONY: browser
+browser: ## Debian's chromium for the dashboard's browser tests, best effort (never fails)
+	@[ -x /usr/bin/chromium ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  >/dev/null 2>&1 || echo "no browser: the dashboard's browser tests will be skipped"
+
 .PHONY: test
-test: $(INSTALLED) ## the whole suite, on TEST_DATABASE_URL's server or an embedded one
+test: $(INSTALLED) browser ## the whole suite, on TEST_DATABASE_URL's server or an embedded one
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: check

@@ -13,6 +13,7 @@ from service.api.auth import TOKENS, authenticate
 from service.api.keys import ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY
+from service.dashboard import create_dashboard
 from service.db.engine import engine_from
 from service.metrics import Metrics
 from service.settings import Settings
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(ops.routes)
     app.add_routes(receiver.routes)
     app.add_routes(replay.routes)
+    app.add_subapp("/dashboard", create_dashboard())
     return app
 
 

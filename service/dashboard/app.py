@@ -1,0 +1,27 @@
+"""The dashboard's sub-application, mounted by the API's factory at /dashboard."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.dashboard import actions, login, pages
+from service.dashboard.guard import error_pages, require_session, security_headers
+from service.dashboard.keys import OPTIONS, SESSIONS, SUMMARY, DashboardOptions, SummaryCache
+from service.dashboard.render import setup_templates
+from service.dashboard.sessions import SessionStore
+
+
+def create_dashboard(options: DashboardOptions | None = None) -> web.Application:
+    """Pages for ops: mount with `app.add_subapp("/dashboard", create_dashboard())`.
+
+    It uses the parent app's ENGINE and SETTINGS; its sessions live in this process only.
+    """
+    dashboard = web.Application(middlewares=[security_headers, error_pages, require_session])
+    dashboard[OPTIONS] = options or DashboardOptions()
+    dashboard[SESSIONS] = SessionStore()
+    dashboard[SUMMARY] = SummaryCache()
+    setup_templates(dashboard)
+    dashboard.add_routes(login.routes)
+    dashboard.add_routes(pages.routes)
+    dashboard.add_routes(actions.routes)
+    return dashboard
