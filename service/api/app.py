@@ -8,7 +8,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from service.api import health, ops, subscriptions
+from service.api import health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(ops.routes)
     app.add_routes(receiver.routes)
     app.add_routes(replay.routes)
+    app.add_routes(openapi.routes)
     app.add_subapp("/dashboard", create_dashboard())
     return app
 

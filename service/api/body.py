@@ -29,5 +29,5 @@ async def read_json(request: web.Request) -> object:
         )
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # deep nesting too
         raise BadRequest.invalid(f"the body is not valid JSON: {error}") from None

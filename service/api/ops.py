@@ -32,8 +32,9 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 class StuckQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    pending_minutes: float = Field(default=15, gt=0)
-    silent_hours: float = Field(default=24, gt=0)
+    # At most 100 years back: further is past what PostgreSQL's timestamps hold.
+    pending_minutes: float = Field(default=15, gt=0, le=100 * 365 * 24 * 60)
+    silent_hours: float = Field(default=24, gt=0, le=100 * 365 * 24)
     limit: int = Field(default=50, ge=1, le=500)
 
 

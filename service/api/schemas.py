@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.engine import RowMapping
 
-from service.api.errors import BadRequest, ErrorDetail, ValidationFailed
+from service.api.errors import ApiError, BadRequest, ErrorDetail, ValidationFailed
 from service.db.subscriptions import Cursor, NewSubscription
 from service.domain.subscriptions import Operation, OutcomeKind, SubscriptionState
 
 METADATA_MAX_BYTES = 8 * 1024
+METADATA_MAX_DEPTH = 32
 
 CarrierCode = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9]+(_[a-z0-9]+)*$")
@@ -41,6 +42,9 @@ class SubscriptionIn(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _depth(value) > METADATA_MAX_DEPTH:
+            # Deeper than pydantic serialises (255): it would be stored, then never answered.
+            raise ValueError(f"metadata must nest at most {METADATA_MAX_DEPTH} levels deep")
         if value is not None and len(json.dumps(value)) > METADATA_MAX_BYTES:
             raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes of JSON")
         return value
@@ -163,16 +167,59 @@ def subscription_json(row: RowMapping) -> dict[str, Any]:
 
 def parse_body(model: type[BaseModel], payload: object) -> Any:
     try:
-        return model.model_validate(payload)
+        parsed = model.model_validate(payload)
     except PydanticValidationError as error:
         raise ValidationFailed(*(_detail(item) for item in error.errors())) from None
+    return _refuse_nul(parsed, ValidationFailed)
 
 
 def parse_query(model: type[BaseModel], query: dict[str, str]) -> Any:
     try:
-        return model.model_validate(query)
+        parsed = model.model_validate(query)
     except PydanticValidationError as error:
         raise BadRequest(*(_detail(item) for item in error.errors())) from None
+    return _refuse_nul(parsed, BadRequest)
+
+
+def _refuse_nul(parsed: BaseModel, refusal: type[ApiError]) -> BaseModel:
+    """PostgreSQL stores no NUL character in text or jsonb: a text or object field holding one
+    is invalid. (Lists are left to whoever validates their items, as a batch does each one.)"""
+    message = "must not contain NUL characters (\\u0000)"
+    details = [
+        ErrorDetail("validation", "invalid_field_value", f"{name}: {message}", name)
+        for name, value in parsed
+        if isinstance(value, str | dict) and _has_nul(value)
+    ]
+    if details:
+        raise refusal(*details)
+    return parsed
+
+
+def _has_nul(value: object) -> bool:
+    pending = [value]  # a loop, not recursion: JSON may nest as deep as the parser allowed
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _depth(value: object) -> int:
+    """How deep JSON nests (a loop, not recursion: it may nest as deep as the parser allowed)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level + 1)
+            pending.extend((child, level + 1) for child in item)
+    return deepest
 
 
 def encode_cursor(row: RowMapping) -> str:

@@ -133,13 +133,14 @@ def _resource_query(resource_url: object) -> dict[str, str]:
 
 
 def text(value: object) -> str | None:
-    """A non-empty string, or None; numbers become their text."""
+    """A non-empty string, or None; numbers become their text. NUL characters are dropped:
+    PostgreSQL's text cannot hold them, and a delivery is never refused for its shape."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, str):
-        return value.strip() or None
+        return value.replace("\x00", "").strip() or None
     return None
 
 

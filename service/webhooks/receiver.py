@@ -138,7 +138,7 @@ def _payload(request: web.Request, body: bytes) -> dict[str, object]:
         )
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested deeper than parsable too
         raise Refused(400, "invalid_json", "the body is not valid JSON", "validation") from None
     if not isinstance(payload, dict):
         raise Refused(400, "not_an_object", "a track webhook body is a JSON object", "validation")

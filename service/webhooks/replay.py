@@ -7,10 +7,10 @@ POST /v1/webhooks/deliveries/{id}/replay re-files one delivery; POST
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from service.api.auth import requires
 from service.api.body import read_json
@@ -29,6 +29,16 @@ class ReplayRange(BaseModel):
     received_from: datetime
     received_to: datetime
     dry_run: bool = False
+
+    @field_validator("received_from", "received_to")
+    @classmethod
+    def _storable(cls, value: datetime) -> datetime:
+        # PostgreSQL's timestamps run from 4713 BC to 294276 AD, Python's from year 1 to 9999:
+        # what converts to UTC within Python's range also fits PostgreSQL's.
+        try:
+            return value.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise ValueError("must be a time between years 1 and 9999 in UTC") from None
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplayRange:
@@ -74,8 +84,15 @@ async def replay_range(request: web.Request) -> web.Response:
     return web.json_response({"dry_run": wanted.dry_run, "matched": len(ids), "outcomes": outcomes})
 
 
+BIGINT_MAX = 2**63 - 1
+
+
 def _delivery_id(request: web.Request) -> int:
+    """An id this service could have issued (a positive bigint), or there is no such delivery."""
     try:
-        return int(request.match_info["id"])
+        delivery_id = int(request.match_info["id"])
     except ValueError:
-        raise NotFound.resource("replayable delivery") from None
+        delivery_id = 0
+    if not 0 < delivery_id <= BIGINT_MAX:
+        raise NotFound.resource("replayable delivery")
+    return delivery_id
