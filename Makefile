@@ -52,6 +52,10 @@ migrate: $(INSTALLED) ## apply the migrations to DATABASE_URL
 simulator: $(INSTALLED) ## serve the ShipEngine simulator alone (port 8090)
 	$(BIN)/python -m service simulator
 
+.PHONY: bench
+bench: $(INSTALLED) ## benchmarks, as ratios to a baseline of the same run (BENCH_ARGS='dispatch --quick')
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## remove the virtual environment, the embedded database and caches
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.api.ops import SUMMARY
 from service.dispatcher.worker import Dispatcher
 from tests.conftest import RunningSimulator
 from tests.payloads import track_body
@@ -142,3 +143,17 @@ async def test_pause_and_resume_dispatching_by_hand(
     assert ready["dispatch"]["kind"] == "manual"
     assert (await api.post("/v1/ops/dispatch/resume")).status == 200
     assert await dispatcher.drain() == 1
+
+
+async def test_the_summary_is_served_from_memory_and_recounted_behind(api: Client) -> None:
+    await subscribe(api, "FIRST")
+    first = await (await api.get("/v1/ops/summary")).json()
+    assert first["by_state"] == {"pending": 1}
+    await subscribe(api, "SECOND")
+    cache = api.app[SUMMARY]
+    cache["expires"] = 0.0  # the copy is stale now
+    stale = await (await api.get("/v1/ops/summary")).json()
+    assert stale == first  # answered at once from the copy, while it is recounted
+    await cache["recounting"]
+    fresh = await (await api.get("/v1/ops/summary")).json()
+    assert fresh["by_state"] == {"pending": 2}

@@ -12,7 +12,7 @@ from service.api import health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
-from service.api.ops import SUMMARY
+from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
 from service.db.engine import engine_from
 from service.metrics import Metrics
@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[TOKENS] = {}
     app[SUMMARY] = {}
+    app.on_cleanup.append(stop_recounting)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
     app.add_routes(health.routes)

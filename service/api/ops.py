@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from datetime import timedelta
 from typing import Annotated, Any
@@ -22,7 +24,8 @@ from service.domain.access import Scope
 routes = web.RouteTableDef()
 
 # The summary is a handful of grouped counts over every subscription; dashboards poll it, so
-# each process computes it at most this often and serves the copy in between ("as_of" says when).
+# each process recounts it at most this often, and never while a caller waits but the first
+# ("as_of" says when it was counted).
 SUMMARY_TTL_S = 5.0
 SUMMARY = web.AppKey("ops_summary", dict)
 
@@ -62,13 +65,34 @@ class PauseRequest(BaseModel):
 @routes.get("/v1/ops/summary")
 @requires(*READERS)
 async def summary(request: web.Request) -> web.Response:
+    """Served from memory: only the first request of a process waits for the counts; later
+    ones get the last copy at once while a stale one is recounted in the background."""
     cached: dict[str, Any] = request.app[SUMMARY]
-    if cached.get("expires", 0.0) < time.monotonic():
-        async with request.app[READ_ENGINE].connect() as conn:
+    if "document" not in cached:
+        await _recount(request.app)
+    elif cached["expires"] < time.monotonic() and not cached.get("recounting"):
+        cached["recounting"] = asyncio.create_task(_recount(request.app))
+    return web.json_response(cached["document"])
+
+
+async def stop_recounting(app: web.Application) -> None:
+    """on_cleanup: a recount still running is abandoned with the process."""
+    task = app[SUMMARY].get("recounting")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _recount(app: web.Application) -> None:
+    cached: dict[str, Any] = app[SUMMARY]
+    try:
+        async with app[READ_ENGINE].connect() as conn:
             document = await ops.summary(conn)
             document["as_of"] = (await dispatch.database_now(conn)).isoformat()
         cached.update(document=document, expires=time.monotonic() + SUMMARY_TTL_S)
-    return web.json_response(cached["document"])
+    finally:
+        cached.pop("recounting", None)
 
 
 @routes.get("/v1/subscriptions/{id}/timeline")
