@@ -7,12 +7,10 @@ process reports the same truth.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.dispatch import current_pause
-from service.db.tables import subscriptions
+from service.db.dispatch import backlog, current_pause
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -100,28 +98,18 @@ class Metrics:
         )
         self.dispatch_paused = Gauge(
             "tracking_dispatch_paused",
-            "1 while all dispatching is paused, by kind (rate_limit, account).",
+            "1 while all dispatching is paused, by kind (rate_limit, account, manual).",
             ["kind"],
             registry=registry,
         )
 
     async def refresh_shared(self, conn: AsyncConnection) -> None:
         """Read the gauges of state every process shares from the database."""
-        due = subscriptions.c.next_attempt_at <= sa.func.now()
-        count, oldest = (
-            await conn.execute(
-                sa.select(
-                    sa.func.count(),
-                    sa.func.extract(
-                        "epoch", sa.func.now() - sa.func.min(subscriptions.c.next_attempt_at)
-                    ),
-                ).where(due)
-            )
-        ).one()
-        self.dispatch_backlog.set(count)
-        self.dispatch_oldest_due_seconds.set(float(oldest or 0))
+        due, oldest = await backlog(conn)
+        self.dispatch_backlog.set(due)
+        self.dispatch_oldest_due_seconds.set(oldest)
         pause = await current_pause(conn)
-        for kind in ("rate_limit", "account"):
+        for kind in ("rate_limit", "account", "manual"):
             self.dispatch_paused.labels(kind).set(1 if pause and pause.kind == kind else 0)
 
     def render(self) -> bytes:

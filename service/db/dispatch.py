@@ -453,6 +453,16 @@ async def work_is_due(conn: AsyncConnection) -> bool:
     return bool((await conn.execute(sa.select(sa.exists(due)))).scalar_one())
 
 
+async def backlog(conn: AsyncConnection) -> tuple[int, float]:
+    """How many calls are due now, and how long the longest-waiting one has been due (s)."""
+    due_at = subscriptions.c.next_attempt_at
+    waited_s = sa.func.extract("epoch", sa.func.now() - sa.func.min(due_at))
+    count, oldest = (
+        await conn.execute(sa.select(sa.func.count(), waited_s).where(due_at <= sa.func.now()))
+    ).one()
+    return int(count), float(oldest or 0)
+
+
 async def next_due_in_s(conn: AsyncConnection) -> float | None:
     """Seconds until the earliest work is due (0 if due now); None when there is none."""
     query = sa.select(

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.dispatch import current_pause
+from service.db.dispatch import backlog, current_pause
 from service.db.subscriptions import PUBLIC_COLUMNS
 from service.db.tables import (
     dispatch_attempts,
@@ -27,25 +27,15 @@ ERROR_CODE = subscriptions.c.last_error["errors"][0]["error_code"].astext
 
 async def summary(conn: AsyncConnection) -> dict[str, Any]:
     """The whole picture in a handful of grouped counts."""
-    due = subscriptions.c.next_attempt_at <= sa.func.now()
-    backlog, oldest = (
-        await conn.execute(
-            sa.select(
-                sa.func.count(),
-                sa.func.extract(
-                    "epoch", sa.func.now() - sa.func.min(subscriptions.c.next_attempt_at)
-                ),
-            ).where(due)
-        )
-    ).one()
+    due, oldest = await backlog(conn)
     pause = await current_pause(conn)
     return {
         "by_state": await _counts(conn, subscriptions.c.state),
         "by_status_code": await _counts(conn, sa.func.coalesce(subscriptions.c.status_code, "")),
         "by_carrier": await _counts(conn, subscriptions.c.carrier_code),
         "dispatch": {
-            "backlog": backlog,
-            "oldest_due_s": round(float(oldest or 0), 3),
+            "backlog": due,
+            "oldest_due_s": round(oldest, 3),
             "paused": pause is not None,
             "pause_kind": pause.kind if pause else None,
             "pause_reason": pause.reason if pause else None,
