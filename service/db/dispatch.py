@@ -390,7 +390,9 @@ async def pause_by_hand(conn: AsyncConnection, reason: dict[str, Any]) -> None:
     """Ops stop all dispatching until they resume it (`resume`)."""
     await conn.execute(
         sa.update(dispatch_control).values(
-            paused_until=sa.text("'infinity'::timestamptz"),
+            # Far enough to mean "until resumed"; not 'infinity', which PostgreSQL before 17
+            # cannot subtract from a time.
+            paused_until=sa.text("'9999-12-31 00:00:00+00'::timestamptz"),
             pause_kind="manual",
             pause_reason=sa.cast(reason, dispatch_control.c.pause_reason.type),
         )
