@@ -180,9 +180,11 @@ async def test_sigterm_releases_calls_that_outlast_the_grace_period(
 async def test_two_processes_hold_the_shared_rate_limit(
     engine: AsyncEngine, shipengine: RunningSimulator, spawn: Spawn
 ) -> None:
-    # ShipEngine (played by the simulator) allows a little more than our setting in any one
-    # second, so a 429 here would mean the two processes together overspent the budget.
-    shipengine.simulator.configure(rate_limit_per_minute=720, rate_limit_window_s=1.0)
+    # Our bucket lets at most its burst (a quarter second of budget) plus one second's refill
+    # through in any one second: about 12.2 calls at 10 a second. ShipEngine (played by the
+    # simulator) allows 13 in any one second, so a 429 here means the two processes together
+    # overspent the shared budget.
+    shipengine.simulator.configure(rate_limit_per_minute=780, rate_limit_window_s=1.0)
     numbers = [f"RATE{n:03}" for n in range(90)]
     await subscribe_many(engine, numbers)
     limit = {"SHIPENGINE_RATE_LIMIT_PER_MINUTE": "600"}  # 10 a second
