@@ -47,6 +47,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.dispatch_pauses = Counter(
+            "tracking_dispatch_pauses_total",
+            "Calls whose answer paused all dispatching, by kind (rate_limit: a 429; account).",
+            ["kind"],
+            registry=registry,
+        )
         self.dispatch_claims_lost = Counter(
             "tracking_dispatch_claims_lost_total",
             "Call outcomes not applied because the claim's lease had expired.",

@@ -139,6 +139,8 @@ async def test_a_429_pauses_all_dispatching_for_retry_after(
     await subscribe(engine, "OTHER")
     assert await dispatcher.drain() == 0
     assert len(start_calls(shipengine)) == 0
+    registry = dispatcher.metrics.registry
+    assert registry.get_sample_value("tracking_dispatch_pauses_total", {"kind": "rate_limit"}) == 1
 
 
 async def test_our_bad_api_key_pauses_dispatch_and_fails_no_subscription(

@@ -26,7 +26,14 @@ from service.db import dispatch
 from service.db.dispatch import CallResult, Claim
 from service.db.engine import asyncpg_dsn
 from service.db.errors import is_unavailable
-from service.domain.subscriptions import Budget, CallOutcome, Operation, RetryPolicy, Transition
+from service.domain.subscriptions import (
+    Budget,
+    CallOutcome,
+    Operation,
+    OutcomeKind,
+    RetryPolicy,
+    Transition,
+)
 from service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -62,7 +69,7 @@ class Dispatcher:
         self._shutdown_grace_s = shutdown_grace_s
         self._retry_policy = retry_policy
         self._budget = budget
-        self._metrics = metrics
+        self.metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._calls: dict[asyncio.Task[None], Claim] = {}
         self._results: asyncio.Queue[CallResult] = asyncio.Queue()
@@ -233,10 +240,10 @@ class Dispatcher:
 
     def _observe(self, result: CallResult, moved: Transition | None) -> None:
         claim, outcome = result.claim, result.outcome
-        self._metrics.dispatch_calls.labels(
+        self.metrics.dispatch_calls.labels(
             claim.operation.value, outcome.kind.value, outcome.error_code or ""
         ).inc()
-        self._metrics.dispatch_latency.labels(claim.operation.value).observe(
+        self.metrics.dispatch_latency.labels(claim.operation.value).observe(
             result.latency_ms / 1000
         )
         fields = {
@@ -250,9 +257,11 @@ class Dispatcher:
             "latency_ms": result.latency_ms,
         }
         if moved is None:
-            self._metrics.dispatch_claims_lost.inc()
+            self.metrics.dispatch_claims_lost.inc()
             log.warning("dispatch.claim_lost", **fields)
         elif outcome.kind.pauses_dispatch:
+            kind = "rate_limit" if outcome.kind is OutcomeKind.RATE_LIMITED else "account"
+            self.metrics.dispatch_pauses.labels(kind).inc()
             log.error("dispatch.paused", **fields, message=outcome.message)
         else:
             log.info("dispatch.call", **fields, state=moved.state.value)
