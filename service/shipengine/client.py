@@ -26,16 +26,6 @@ class ShipEngineClient:
         self._headers = {"API-Key": api_key}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def start_tracking(
-        self, carrier_code: str, tracking_number: str, carrier_id: str | None
-    ) -> CallOutcome:
-        return await self.call(Operation.START, carrier_code, tracking_number, carrier_id)
-
-    async def stop_tracking(
-        self, carrier_code: str, tracking_number: str, carrier_id: str | None
-    ) -> CallOutcome:
-        return await self.call(Operation.STOP, carrier_code, tracking_number, carrier_id)
-
     async def get_tracking(self, carrier_code: str, tracking_number: str) -> PolledTracking:
         """GET /v1/tracking: what ShipEngine knows of the package now (the reconciler asks)."""
         url = f"{self._base_url}/v1/tracking"
