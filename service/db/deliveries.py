@@ -198,13 +198,17 @@ async def _add_events(
         {**event.as_row(), "subscription_id": subscription_id, "delivery_id": delivery_id}
         for event in update.events
     ]
-    insert = (
-        pg_insert(tracking_events)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["subscription_id", "event_key"])
-        .returning(tracking_events.c.id)
-    )
-    return len((await conn.execute(insert)).all())
+    # One statement whatever the number of events: executed for many rows, SQLAlchemy sends
+    # them as a multi-row INSERT but compiles it once (a `.values(rows)` would be compiled
+    # anew for each count of events, which profiling showed on every delivery).
+    return len((await conn.execute(_INSERT_EVENTS, rows)).all())
+
+
+_INSERT_EVENTS = (
+    pg_insert(tracking_events)
+    .on_conflict_do_nothing(index_elements=["subscription_id", "event_key"])
+    .returning(tracking_events.c.id)
+)
 
 
 async def _update_status(
