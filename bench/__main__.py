@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import dispatch
+from bench import dispatch, ingest
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
 
-SUITES: dict[str, ModuleType] = {"dispatch": dispatch}
+SUITES: dict[str, ModuleType] = {"dispatch": dispatch, "ingest": ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

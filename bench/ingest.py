@@ -1,0 +1,495 @@
+"""The ingest suite: signed `track` deliveries a second through the whole webhook receiver.
+
+One database, one load generator process (`bench/loadgen.py`: ShipEngine's signing key, its
+JWKS, 64 senders over keep-alive connections) and three servers, each its own process:
+
+    (a)   a bare aiohttp handler that reads the body and answers 204 (`bench/baseline_server.py`)
+    (b)   an aiohttp handler doing one asyncpg INSERT of the body (pool of 10), then 204
+    full  `python -m service api`: POST /v1/webhooks/shipengine verifies the signature (keys
+          from the load generator's /jwks), stores the raw delivery, files events, updates status
+
+Two loads, each sent to (a), (b) and full in that order, the same signed bytes to all three:
+
+    realistic  10,000 active subscriptions; each delivery a new state of its package (step k
+               carries k events, newest first), 10% exact repeats of an earlier one
+    hot        one package, one delivery, over and over from all 64 senders (a retry burst):
+               after the first, every one must be recognised as a duplicate, cheaply
+
+Afterwards the database is checked (each realistic delivery stored once, filed; repeats kept as
+`duplicate`) and the API's peak RSS (`VmHWM`) is read. `--profile` samples the API with py-spy
+during the realistic load and prints where its time goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bench import profiling
+from bench.infra import (
+    LOOPBACK,
+    BenchError,
+    Processes,
+    ServiceProcess,
+    answers,
+    cpu_cores,
+    cpu_snapshot,
+    free_port,
+    start_api,
+)
+from bench.report import Check, Report, number
+from bench.suite import Bench
+from service.db.engine import asyncpg_dsn
+
+SCENARIOS = ("realistic", "hot")
+
+SERVERS = ("a", "b", "full")
+SERVER_TITLES = {
+    "a": "(a) bare aiohttp, 204",
+    "b": "(b) aiohttp + 1 asyncpg INSERT",
+    "full": "full receiver",
+}
+EXPECTED_STATUS = {"a": "204", "b": "204", "full": "200"}
+
+PACKAGE_PREFIX = "1ZBENCH"
+HOT_PACKAGE = "1ZHOT00000001"
+WARMUP_PREFIX = "1ZWARM"
+
+RATIO_TO_B_TARGET = 1.0
+P99_TARGET_MS = 50.0
+HOT_SHARE_OF_REALISTIC = 0.5  # "not collapsing": at least half the realistic rate
+RSS_TARGET_MB = 150.0
+NOISY_CORES = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    concurrency: int = 64
+    packages: int = 10_000
+    realistic_deliveries: int = 20_000
+    repeat_share: float = 0.10
+    hot_requests: int = 4_000
+    warmup_requests: int = 256
+    baseline_pool_size: int = 10
+    profile_s: float = 10.0
+    # A baseline gets the list again until this long has passed: a second is too short to
+    # measure a rate. The full receiver gets each list once (the database is checked after).
+    baseline_min_s: float = 5.0
+
+
+FULL = Plan()
+QUICK = dataclasses.replace(
+    FULL,
+    realistic_deliveries=5_000,
+    hot_requests=1_500,
+    warmup_requests=128,
+    profile_s=4.0,
+    baseline_min_s=2.0,
+)
+
+
+class LoadGenerator:
+    """The harness's handle on the load generator process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def call(self, path: str, spec: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(f"{self.url}{path}", json=spec) as response,
+        ):
+            if response.status != 200:
+                raise BenchError(f"loadgen {path}: {response.status} {await response.text()}")
+            result: dict[str, Any] = await response.json(loads=json.loads)
+            return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    key: str
+    url: str
+    process: ServiceProcess
+
+
+async def run(bench: Bench, report: Report) -> None:
+    plan = QUICK if bench.quick else FULL
+    if bench.concurrency is not None:
+        plan = dataclasses.replace(plan, concurrency=bench.concurrency)
+    loads = [load for load in SCENARIOS if bench.wants(load)]
+    if not loads:
+        return
+    report.options["plan"] = dataclasses.asdict(plan)
+    async with (
+        bench.postgres.database() as database_url,
+        bench.processes("ingest") as procs,
+    ):
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await _subscribe(conn, plan.packages)
+            generator, generator_process = await _start_loadgen(procs)
+            servers = await _start_servers(procs, database_url, generator.url, plan)
+            rates: dict[str, float] = {}
+            for load in loads:
+                await _measure(bench, plan, report, procs, conn, generator, servers, load, rates)
+            _rss_check(report, servers)
+            report.options["loadgen_peak_rss_mb"] = _peak_rss_mb(generator_process.pid)
+        finally:
+            await conn.close()
+
+
+async def _subscribe(conn: asyncpg.Connection, packages: int) -> None:
+    """`packages` active subscriptions (and the hot one) in one statement, then ANALYZE."""
+    await conn.execute(
+        """
+        INSERT INTO subscriptions (carrier_code, tracking_number, state, next_attempt_at)
+        SELECT 'ups', $1 || lpad(g::text, 8, '0'), 'active', NULL::timestamptz
+        FROM generate_series(0, $2::int - 1) AS g
+        UNION ALL SELECT 'ups', $3, 'active', NULL::timestamptz
+        """,
+        PACKAGE_PREFIX,
+        packages,
+        HOT_PACKAGE,
+    )
+    await conn.execute("ANALYZE subscriptions")
+
+
+async def _start_loadgen(procs: Processes) -> tuple[LoadGenerator, ServiceProcess]:
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    argv = [sys.executable, "-m", "bench.loadgen", "--port", str(port)]
+    process = await procs.start("loadgen", argv, {}, answers(f"{url}/healthz"))
+    return LoadGenerator(url), process
+
+
+async def _start_servers(
+    procs: Processes, database_url: str, generator_url: str, plan: Plan
+) -> dict[str, Server]:
+    servers = {}
+    for key, mode in (("a", "bare"), ("b", "insert")):
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        argv = [
+            sys.executable, "-m", "bench.baseline_server", mode, "--port", str(port),
+            "--database-url", database_url, "--pool-size", str(plan.baseline_pool_size),
+        ]  # fmt: skip
+        process = await procs.start(f"baseline-{key}", argv, {}, answers(f"{url}/healthz"))
+        servers[key] = Server(key, url, process)
+    env = {
+        "DATABASE_URL": database_url,
+        "SHIPENGINE_BASE_URL": generator_url,
+        "SHIPENGINE_JWKS_URL": f"{generator_url}/jwks",
+    }
+    url = await start_api(procs, env)
+    api = next(p for p in procs.started if p.name == "api")
+    servers["full"] = Server("full", url, api)
+    return servers
+
+
+async def _measure(
+    bench: Bench,
+    plan: Plan,
+    report: Report,
+    procs: Processes,
+    conn: asyncpg.Connection,
+    generator: LoadGenerator,
+    servers: dict[str, Server],
+    load: str,
+    rates: dict[str, float],
+) -> None:
+    if load == "realistic":
+        spec: dict[str, Any] = {
+            "load": load,
+            "kind": "realistic",
+            "prefix": PACKAGE_PREFIX,
+            "packages": plan.packages,
+            "deliveries": plan.realistic_deliveries,
+            "repeat_share": plan.repeat_share,
+        }
+    else:
+        spec = {"load": load, "kind": "hot", "package": HOT_PACKAGE, "requests": plan.hot_requests}
+    # Signed now: every signature must still be fresh when the full receiver gets it.
+    facts = await generator.call("/prepare", spec)
+    print(
+        f"{load}: {facts['requests']:,} requests prepared ({facts['unique']:,} distinct)"
+        + (f", signed in {facts['sign_s']:.1f} s" if "sign_s" in facts else ""),
+        flush=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for key in SERVERS:
+        server = servers[key]
+        warm = {
+            "url": server.url,
+            "concurrency": plan.concurrency,
+            "requests": plan.warmup_requests,
+            "package": f"{WARMUP_PREFIX}-{load}-{key}",
+        }
+        await generator.call("/warmup", warm)
+        groups = {
+            "server": [server.process.pid],
+            "loadgen": [p.pid for p in procs.started if p.name == "loadgen"],
+            "postgres": await _backend_pids(conn),
+            "bench": [os.getpid()],
+        }
+        before = cpu_snapshot(groups)
+        profiler, profile_to = None, None
+        if bench.profile and key == "full" and load == "realistic":
+            profile_to = bench.log_dir / f"ingest-{load}-api.pyspy.txt"
+            profiler = await profiling.record(procs, server.process, plan.profile_s, profile_to)
+        run_spec = {
+            "load": load,
+            "url": server.url,
+            "concurrency": plan.concurrency,
+            "min_s": 0.0 if key == "full" else plan.baseline_min_s,
+        }
+        result = await generator.call("/run", run_spec)
+        result["cpu_cores"] = cpu_cores(before, cpu_snapshot(groups))
+        result["server_cpu_ms_per_request"] = (
+            1000.0
+            * result["cpu_cores"].get("server", math.nan)
+            * result["cpu_cores"].get("interval_s", math.nan)
+            / result["requests"]
+        )
+        if profiler is not None and profile_to is not None:
+            await profiling.wait(profiler, timeout_s=plan.profile_s + 30)
+            result["profile"] = _profile_summary(profile_to, plan.profile_s)
+        results[key] = result
+        _row(report, load, key, result, results)
+    database = await _check_database(conn, load, facts, plan)
+    rates[load] = results["full"]["per_s"]
+    report.scenarios[f"{load}/full"]["database"] = database
+    report.scenarios[f"{load}/full"]["load"] = facts
+    _checks(report, load, results, database, rates)
+
+
+def _row(
+    report: Report,
+    load: str,
+    key: str,
+    result: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+) -> None:
+    per_s = result["per_s"]
+    if key == "a":
+        vs = "1.00 (is a)"
+    elif key == "b":
+        vs = f"{per_s / results['a']['per_s']:.2f} of a"
+    else:
+        vs = f"{per_s / results['a']['per_s']:.2f} a, {per_s / results['b']['per_s']:.2f} b"
+    latency = result["latency_ms"]
+    cpu = result["cpu_cores"]
+    cores = " ".join(
+        f"{name[:4]} {cpu[name]:.2f}"
+        for name in ("server", "loadgen", "postgres", "others")
+        if name in cpu
+    )
+    report.scenario(
+        f"{load}/{key}",
+        SERVER_TITLES[key],
+        f"{number(per_s)}/s p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms",
+        vs,
+        f"{result['requests']:,} requests ({result['passes']} pass"
+        f"{'es' if result['passes'] > 1 else ''}), {result['concurrency']} senders, "
+        f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {cores}; "
+        f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/request",
+        result,
+    )
+    if cpu.get("others", 0.0) > NOISY_CORES:
+        report.note(
+            f"{load}/{key}: other processes used {cpu['others']:.2f} cores meanwhile; "
+            "its numbers are suspect (run again on a quieter machine)"
+        )
+
+
+async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
+    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return [row[0] for row in rows]
+
+
+async def _check_database(
+    conn: asyncpg.Connection, load: str, facts: dict[str, Any], plan: Plan
+) -> dict[str, Any]:
+    """What the receiver kept of this load's deliveries, and whether that is right."""
+    pattern = f"{PACKAGE_PREFIX}%" if load == "realistic" else HOT_PACKAGE
+    rows = await conn.fetch(
+        """
+        SELECT outcome, count(*) AS n, count(DISTINCT body_sha256) AS bodies
+        FROM webhook_deliveries WHERE tracking_number LIKE $1 GROUP BY outcome
+        """,
+        pattern,
+    )
+    outcomes = {row["outcome"]: {"rows": row["n"], "bodies": row["bodies"]} for row in rows}
+    filed = outcomes.get("filed", {"rows": 0, "bodies": 0})
+    duplicates = outcomes.get("duplicate", {"rows": 0, "bodies": 0})
+    problems = []
+    if filed["rows"] != facts["unique"] or filed["bodies"] != facts["unique"]:
+        problems.append(f"{filed['rows']} filed ({filed['bodies']} bodies), not {facts['unique']}")
+    if duplicates["rows"] != facts["repeats"]:
+        problems.append(f"{duplicates['rows']} duplicates, not {facts['repeats']}")
+    others = {k: v["rows"] for k, v in outcomes.items() if k not in ("filed", "duplicate")}
+    if others:
+        problems.append(f"unexpected outcomes {others}")
+    checked: dict[str, Any] = {"outcomes": outcomes}
+    if load == "realistic":
+        touched = await conn.fetchval(
+            "SELECT count(*) FROM subscriptions WHERE tracking_number LIKE $1 "
+            "AND status_code IS NOT NULL",
+            pattern,
+        )
+        events = await conn.fetchval(
+            "SELECT count(*) FROM tracking_events AS e JOIN subscriptions AS s "
+            "ON s.id = e.subscription_id WHERE s.tracking_number LIKE $1",
+            pattern,
+        )
+        checked |= {"subscriptions_with_status": touched, "events": events}
+        if touched != facts["packages_touched"]:
+            problems.append(f"{touched} subscriptions updated, not {facts['packages_touched']}")
+        if events != facts["events_expected"]:
+            problems.append(f"{events} events stored, not {facts['events_expected']}")
+    baseline_rows = await conn.fetchval("SELECT count(*) FROM ingest_baseline")
+    checked |= {"baseline_b_rows_so_far": baseline_rows, "problems": problems}
+    return checked
+
+
+def _checks(
+    report: Report,
+    load: str,
+    results: dict[str, dict[str, Any]],
+    database: dict[str, Any],
+    rates: dict[str, float],
+) -> None:
+    full, b = results["full"], results["b"]
+    ratio_b = full["per_s"] / b["per_s"]
+    p99 = full["latency_ms"]["p99"]
+    if load == "realistic":
+        report.check(
+            Check(
+                "realistic: deliveries/s, full vs (b)",
+                f">= {RATIO_TO_B_TARGET:.1f} x (b)",
+                f"{number(full['per_s'])}/s vs {number(b['per_s'])}/s",
+                ratio_b / RATIO_TO_B_TARGET,
+                ratio_b,
+                ratio_b >= RATIO_TO_B_TARGET,
+            )
+        )
+    else:
+        realistic = rates.get("realistic", math.nan)
+        floor = HOT_SHARE_OF_REALISTIC * realistic
+        report.check(
+            Check(
+                "hot: deliveries/s, not collapsing (vs b)",
+                f">= {HOT_SHARE_OF_REALISTIC} x realistic full"
+                + (f" ({number(floor)}/s)" if not math.isnan(floor) else ""),
+                f"{number(full['per_s'])}/s",
+                full["per_s"] / floor if floor else math.nan,
+                ratio_b,
+                None if math.isnan(floor) else full["per_s"] >= floor,
+            )
+        )
+    report.check(
+        Check(
+            f"{load}: p99 latency, full, {full['concurrency']} senders",
+            f"< {P99_TARGET_MS:.0f} ms",
+            f"{p99:.1f} ms (p50 {full['latency_ms']['p50']:.1f})",
+            p99 / P99_TARGET_MS,
+            p99 / b["latency_ms"]["p99"],
+            p99 < P99_TARGET_MS,
+        )
+    )
+    wrong = {
+        key: {s: n for s, n in result["statuses"].items() if s != EXPECTED_STATUS[key]}
+        for key, result in results.items()
+    }
+    wrong = {key: statuses for key, statuses in wrong.items() if statuses}
+    problems = database["problems"]
+    report.check(
+        Check(
+            f"{load}: answers 200 (204 baselines); stored once, repeats `duplicate`",
+            "all",
+            "all" if not wrong and not problems else f"{wrong} {'; '.join(problems)}".strip(),
+            None,
+            None,
+            not wrong and not problems,
+        )
+    )
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return math.nan
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return math.nan
+
+
+def _rss_check(report: Report, servers: dict[str, Server]) -> None:
+    peaks = {key: _peak_rss_mb(server.process.pid) for key, server in servers.items()}
+    report.options["peak_rss_mb"] = peaks
+    api = peaks["full"]
+    report.check(
+        Check(
+            "API peak RSS (VmHWM) over the ingest loads",
+            f"< {RSS_TARGET_MB:.0f} MB",
+            f"{api:.0f} MB (a {peaks['a']:.0f}, b {peaks['b']:.0f})",
+            api / RSS_TARGET_MB,
+            api / peaks["b"],
+            None if math.isnan(api) else api < RSS_TARGET_MB,
+        )
+    )
+
+
+def _profile_summary(collapsed: Path, seconds: float) -> dict[str, Any] | None:
+    if not collapsed.exists():
+        return None
+    summary = profiling.summarise(collapsed, seconds, top=20)
+    print(f"\nprofile of the API during the realistic load ({collapsed}):")
+    print(f"  busy {summary.busy_share:.0%} of the samples' time; by area of the leaf frame:")
+    for area, share in summary.by_area.items():
+        print(f"    {share:6.1%}  {area}")
+    print("  hottest functions (self, inclusive):")
+    for spot in summary.hotspots:
+        print(f"    {spot.self_share:6.1%} {spot.total_share:6.1%}  {spot.function}")
+    stages = profiling.inclusive(collapsed, list(STAGES))
+    print("  inclusive share of receiver stages:")
+    for stage, share in stages.items():
+        print(f"    {share:6.1%}  {STAGES[stage]}")
+    print(flush=True)
+    return {
+        "file": str(collapsed),
+        "busy_share": summary.busy_share,
+        "by_area": summary.by_area,
+        "hotspots": [dataclasses.asdict(h) for h in summary.hotspots],
+        "stages": {STAGES[stage]: share for stage, share in stages.items()},
+    }
+
+
+# Frames on the stack that tell which part of the receiver a sample belongs to.
+STAGES = {
+    "receive_track (": "the handler, all of it",
+    "_verify (": "signature verification (RSA, key lookup)",
+    "_payload (": "JSON parsing of the body",
+    "parse_track_payload (": "parse_track_payload",
+    "content_digest (": "content_digest",
+    "store_and_file (": "store_and_file (all SQL of a delivery)",
+    "_add_events (": "_add_events (event INSERT ... ON CONFLICT)",
+    "_update_status (": "_update_status",
+    "_lock_subscription (": "_lock_subscription (SELECT ... FOR UPDATE)",
+    "(sqlalchemy/sql/": "SQLAlchemy Core: building, caching, compiling",
+    "_async_ping (": "pool pre-ping",
+    "(structlog/": "structlog",
+    "(prometheus_client/": "prometheus_client",
+    "web_log.py": "aiohttp access log",
+    "EpollSelector.select (": "epoll wait",
+}
