@@ -67,25 +67,14 @@ async def store_and_file(
     burst of retries of one delivery does not queue up on its subscription.
     """
     update = incoming.update
+    values = _delivery_values(incoming)
     original = (
-        await conn.execute(
-            pg_insert(webhook_deliveries)
-            .values(**_delivery_values(incoming), outcome="orphan")
-            .on_conflict_do_nothing(index_elements=["content_sha256"], index_where=ORIGINALS)
-            .returning(webhook_deliveries.c.id)
-        )
+        await conn.execute(_INSERT_ORIGINAL, {**values, "outcome": "orphan"})
     ).scalar_one_or_none()
     if original is not None:
         return await file_delivery(conn, original, update, rearm)
-    first = (
-        sa.select(webhook_deliveries.c.subscription_id)
-        .where(webhook_deliveries.c.content_sha256 == incoming.content_sha256, ORIGINALS)
-        .scalar_subquery()
-    )
     copy = await conn.execute(
-        sa.insert(webhook_deliveries)
-        .values(**_delivery_values(incoming), outcome="duplicate", subscription_id=first)
-        .returning(webhook_deliveries.c.id, webhook_deliveries.c.subscription_id)
+        _INSERT_COPY, {**values, "outcome": "duplicate", "b_content": incoming.content_sha256}
     )
     delivery_id, subscription_id = copy.one()
     return FiledDelivery(delivery_id, "duplicate", subscription_id)
@@ -158,11 +147,8 @@ async def file_delivery(
 async def _mark(
     conn: AsyncConnection, delivery_id: int, outcome: str, subscription_id: uuid.UUID | None
 ) -> None:
-    await conn.execute(
-        sa.update(webhook_deliveries)
-        .where(webhook_deliveries.c.id == delivery_id)
-        .values(outcome=outcome, subscription_id=subscription_id)
-    )
+    params = {"b_id": delivery_id, "outcome": outcome, "subscription_id": subscription_id}
+    await conn.execute(_MARK, params)
 
 
 async def _lock_subscription(conn: AsyncConnection, update: TrackingUpdate) -> Row[Any] | None:
@@ -172,19 +158,9 @@ async def _lock_subscription(conn: AsyncConnection, update: TrackingUpdate) -> R
     """
     if update.tracking_number is None:
         return None
-    query = sa.select(
-        subscriptions.c.id,
-        subscriptions.c.state,
-        subscriptions.c.status_code,
-        subscriptions.c.last_event_at,
-        subscriptions.c.rearms,
-        subscriptions.c.next_attempt_at,
-        subscriptions.c.done_at,
-    ).where(subscriptions.c.tracking_number == update.tracking_number, LIVE)
-    if update.carrier_code is not None:
-        query = query.where(subscriptions.c.carrier_code == update.carrier_code)
-    query = query.order_by(subscriptions.c.created_at.desc()).limit(1).with_for_update()
-    row: Row[Any] | None = (await conn.execute(query)).first()  # type: ignore[assignment]
+    params = {"b_number": update.tracking_number, "b_carrier": update.carrier_code}
+    query = _LOCK_BY_NUMBER if update.carrier_code is None else _LOCK_BY_PACKAGE
+    row: Row[Any] | None = (await conn.execute(query, params)).first()
     return row
 
 
@@ -221,28 +197,31 @@ async def _update_status(
     """Take the delivery's status unless it is older than what the subscription shows."""
     decision = decide_status(subscription.status_code, subscription.last_event_at, update)
     newest = update.newest_event_at
-    values: dict[str, Any] = {"updated_at": sa.func.now(), "last_heard_at": sa.func.now()}
-    if newest is not None:
-        values["last_event_at"] = sa.func.greatest(subscriptions.c.last_event_at, newest)
     changed = decision.take and update.status_code != subscription.status_code
-    if decision.take:
-        values |= _status_values(update)
     rearmed = changed and _should_rearm(subscription, update, rearm)
-    if rearmed:
-        values["next_attempt_at"] = sa.func.now() + timedelta(seconds=rearm.delay_s)
-        values["rearms"] = subscriptions.c.rearms + 1
     await conn.execute(
-        sa.update(subscriptions).where(subscriptions.c.id == subscription.id).values(values)
+        _UPDATE_STATUS,
+        {
+            "b_id": subscription.id,
+            "b_newest": newest,
+            "b_take": decision.take,
+            "b_status_code": update.status_code,
+            "b_status_description": update.status_description,
+            "b_estimated": update.estimated_delivery_date,
+            "b_actual": update.actual_delivery_date,
+            "b_rearm_in": timedelta(seconds=rearm.delay_s) if rearmed else None,
+        },
     )
     if changed:
         await conn.execute(
-            sa.insert(status_changes).values(
-                subscription_id=subscription.id,
-                previous_status_code=subscription.status_code,
-                status_code=update.status_code,
-                occurred_at=newest,
-                delivery_id=delivery_id,
-            )
+            _INSERT_STATUS_CHANGE,
+            {
+                "subscription_id": subscription.id,
+                "previous_status_code": subscription.status_code,
+                "status_code": update.status_code,
+                "occurred_at": newest,
+                "delivery_id": delivery_id,
+            },
         )
     return FiledDelivery(
         delivery_id,
@@ -252,18 +231,6 @@ async def _update_status(
         regression=decision.regression,
         rearmed=rearmed,
     )
-
-
-def _status_values(update: TrackingUpdate) -> dict[str, Any]:
-    values: dict[str, Any] = {"status_code": update.status_code}
-    fields = {
-        "status_description": update.status_description,
-        "estimated_delivery_date": update.estimated_delivery_date,
-        "actual_delivery_date": update.actual_delivery_date,
-    }
-    # A field the delivery leaves out keeps what we know; it is no news.
-    values |= {name: value for name, value in fields.items() if value is not None}
-    return values
 
 
 def _should_rearm(subscription: Row[Any], update: TrackingUpdate, rearm: RearmPolicy) -> bool:
@@ -350,3 +317,100 @@ async def replay(
     return await file_delivery(
         conn, delivery_id, _reparse(row.body), rearm, mark_delivery=row.outcome != "duplicate"
     )
+
+
+# The statements of the webhook path, built once: per delivery only parameters change, so
+# SQLAlchemy neither rebuilds nor recompiles them (profiling showed both on every delivery).
+_INSERT_ORIGINAL = (
+    pg_insert(webhook_deliveries)
+    .on_conflict_do_nothing(index_elements=["content_sha256"], index_where=ORIGINALS)
+    .returning(webhook_deliveries.c.id)
+)
+
+# A copy is filed against whatever its original was filed against.
+_INSERT_COPY = (
+    sa.insert(webhook_deliveries)
+    .values(
+        subscription_id=sa.select(webhook_deliveries.c.subscription_id)
+        .where(webhook_deliveries.c.content_sha256 == sa.bindparam("b_content"), ORIGINALS)
+        .scalar_subquery()
+    )
+    .returning(webhook_deliveries.c.id, webhook_deliveries.c.subscription_id)
+)
+
+_MARK = (
+    sa.update(webhook_deliveries)
+    .where(webhook_deliveries.c.id == sa.bindparam("b_id"))
+    .values(outcome=sa.bindparam("outcome"), subscription_id=sa.bindparam("subscription_id"))
+)
+
+
+def _lock(*where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+    return (
+        sa.select(
+            subscriptions.c.id,
+            subscriptions.c.state,
+            subscriptions.c.status_code,
+            subscriptions.c.last_event_at,
+            subscriptions.c.rearms,
+            subscriptions.c.next_attempt_at,
+            subscriptions.c.done_at,
+        )
+        .where(subscriptions.c.tracking_number == sa.bindparam("b_number"), LIVE, *where)
+        .order_by(subscriptions.c.created_at.desc())
+        .limit(1)
+        .with_for_update()
+    )
+
+
+_LOCK_BY_NUMBER = _lock()
+_LOCK_BY_PACKAGE = _lock(subscriptions.c.carrier_code == sa.bindparam("b_carrier"))
+
+
+_TAKE = sa.bindparam("b_take", type_=sa.Boolean())
+
+
+def _taken(
+    column: str, param: str, type_: sa.types.TypeEngine[Any], *, keep_if_missing: bool
+) -> Any:
+    """The delivery's value when its status is taken, else the current one. A field the
+    delivery leaves out (None) keeps what we know when `keep_if_missing`: it is no news."""
+    value = sa.bindparam(f"b_{param}", type_=type_)
+    current = subscriptions.c[column]
+    new = sa.func.coalesce(value, current) if keep_if_missing else value
+    return sa.case((_TAKE, new), else_=current)
+
+
+_REARM_IN = sa.bindparam("b_rearm_in", type_=sa.Interval())
+_UPDATE_STATUS = (
+    sa.update(subscriptions)
+    .where(subscriptions.c.id == sa.bindparam("b_id"))
+    .values(
+        updated_at=sa.func.now(),
+        last_heard_at=sa.func.now(),
+        last_event_at=sa.func.coalesce(
+            sa.func.greatest(
+                subscriptions.c.last_event_at,
+                sa.bindparam("b_newest", type_=sa.DateTime(timezone=True)),
+            ),
+            subscriptions.c.last_event_at,
+        ),
+        status_code=_taken("status_code", "status_code", sa.Text(), keep_if_missing=False),
+        status_description=_taken(
+            "status_description", "status_description", sa.Text(), keep_if_missing=True
+        ),
+        estimated_delivery_date=_taken(
+            "estimated_delivery_date", "estimated", sa.DateTime(timezone=True), keep_if_missing=True
+        ),
+        actual_delivery_date=_taken(
+            "actual_delivery_date", "actual", sa.DateTime(timezone=True), keep_if_missing=True
+        ),
+        # A restart of tracking after an EX: due later, counted.
+        next_attempt_at=sa.func.coalesce(
+            sa.func.now() + _REARM_IN, subscriptions.c.next_attempt_at
+        ),
+        rearms=subscriptions.c.rearms + sa.case((_REARM_IN.is_not(None), 1), else_=0),
+    )
+)
+
+_INSERT_STATUS_CHANGE = sa.insert(status_changes)
