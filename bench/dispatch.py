@@ -607,7 +607,7 @@ async def observe(
     profile = None
     if profiler is not None and profile_to is not None:
         await profiling.wait(profiler, timeout_s=run_s + 30)
-        profile = _profile_summary(profile_to, stopped_at - window_start)
+        profile = profiling.report(profile_to, stopped_at - window_start, "dispatcher-1", STAGES)
     return Observed(
         ready_at=ready_at,
         window_start=window_start,
@@ -617,31 +617,6 @@ async def observe(
         db={name: db_after[name] - db_before[name] for name in db_after},
         profile=profile,
     )
-
-
-def _profile_summary(collapsed: Path, seconds: float) -> dict[str, Any] | None:
-    if not collapsed.exists():
-        return None
-    summary = profiling.summarise(collapsed, seconds)
-    print(f"\nprofile of dispatcher-1 ({collapsed}):")
-    print(f"  busy {summary.busy_share:.0%} of the samples' time; by area of the leaf frame:")
-    for area, share in summary.by_area.items():
-        print(f"    {share:6.1%}  {area}")
-    print("  hottest functions (self, inclusive):")
-    for spot in summary.hotspots:
-        print(f"    {spot.self_share:6.1%} {spot.total_share:6.1%}  {spot.function}")
-    stages = profiling.inclusive(collapsed, list(STAGES))
-    print("  inclusive share of dispatcher stages:")
-    for stage, share in stages.items():
-        print(f"    {share:6.1%}  {STAGES[stage]}")
-    print(flush=True)
-    return {
-        "file": str(collapsed),
-        "busy_share": summary.busy_share,
-        "by_area": summary.by_area,
-        "hotspots": [dataclasses.asdict(h) for h in summary.hotspots],
-        "stages": {STAGES[stage]: share for stage, share in stages.items()},
-    }
 
 
 # Frames on the stack that tell which part of the dispatcher process a sample belongs to.

@@ -261,7 +261,9 @@ async def _measure(
         )
         if profiler is not None and profile_to is not None:
             await profiling.wait(profiler, timeout_s=plan.profile_s + 30)
-            result["profile"] = _profile_summary(profile_to, plan.profile_s)
+            result["profile"] = profiling.report(
+                profile_to, plan.profile_s, "the API during the realistic load", STAGES, top=20
+            )
         results[key] = result
         _row(report, load, key, result, results)
     database = await _check_database(conn, load, facts, plan)
@@ -448,31 +450,6 @@ def _rss_check(report: Report, servers: dict[str, Server]) -> None:
             None if math.isnan(api) else api < RSS_TARGET_MB,
         )
     )
-
-
-def _profile_summary(collapsed: Path, seconds: float) -> dict[str, Any] | None:
-    if not collapsed.exists():
-        return None
-    summary = profiling.summarise(collapsed, seconds, top=20)
-    print(f"\nprofile of the API during the realistic load ({collapsed}):")
-    print(f"  busy {summary.busy_share:.0%} of the samples' time; by area of the leaf frame:")
-    for area, share in summary.by_area.items():
-        print(f"    {share:6.1%}  {area}")
-    print("  hottest functions (self, inclusive):")
-    for spot in summary.hotspots:
-        print(f"    {spot.self_share:6.1%} {spot.total_share:6.1%}  {spot.function}")
-    stages = profiling.inclusive(collapsed, list(STAGES))
-    print("  inclusive share of receiver stages:")
-    for stage, share in stages.items():
-        print(f"    {share:6.1%}  {STAGES[stage]}")
-    print(flush=True)
-    return {
-        "file": str(collapsed),
-        "busy_share": summary.busy_share,
-        "by_area": summary.by_area,
-        "hotspots": [dataclasses.asdict(h) for h in summary.hotspots],
-        "stages": {STAGES[stage]: share for stage, share in stages.items()},
-    }
 
 
 # Frames on the stack that tell which part of the receiver a sample belongs to.

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.infra import Processes, ServiceProcess
 
@@ -137,3 +138,32 @@ async def wait(profiler: ServiceProcess | None, timeout_s: float) -> None:
         except TimeoutError:
             await profiler.stop(5)
         await asyncio.sleep(0)
+
+
+def report(
+    collapsed: Path, seconds: float, title: str, stages: dict[str, str], top: int = 15
+) -> dict[str, Any] | None:
+    """Print a profile's summary (areas, hot functions, `stages` by their frame markers) and
+    return it for the results file; None when py-spy wrote nothing."""
+    if not collapsed.exists():
+        return None
+    summary = summarise(collapsed, seconds, top=top)
+    print(f"\nprofile of {title} ({collapsed}):")
+    print(f"  busy {summary.busy_share:.0%} of the samples' time; by area of the leaf frame:")
+    for area, share in summary.by_area.items():
+        print(f"    {share:6.1%}  {area}")
+    print("  hottest functions (self, inclusive):")
+    for spot in summary.hotspots:
+        print(f"    {spot.self_share:6.1%} {spot.total_share:6.1%}  {spot.function}")
+    shares = inclusive(collapsed, list(stages))
+    print("  inclusive share of its stages:")
+    for stage, share in shares.items():
+        print(f"    {share:6.1%}  {stages[stage]}")
+    print(flush=True)
+    return {
+        "file": str(collapsed),
+        "busy_share": summary.busy_share,
+        "by_area": summary.by_area,
+        "hotspots": [dataclasses.asdict(h) for h in summary.hotspots],
+        "stages": {stages[stage]: share for stage, share in shares.items()},
+    }
