@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-
 import asyncpg
 from sqlalchemy import exc as sa_exc
-
-
-class DatabaseUnavailable(Exception):
-    """PostgreSQL cannot be reached now; the caller should answer 503 or retry later."""
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -21,9 +14,8 @@ def is_unavailable(error: BaseException) -> bool:
     while cause is not None:
         if isinstance(
             cause,
+            # OSError covers refused and reset connections, DNS failures and timeouts.
             OSError
-            | socket.gaierror
-            | asyncio.TimeoutError
             | asyncpg.exceptions.CannotConnectNowError
             | asyncpg.exceptions.ConnectionDoesNotExistError
             | asyncpg.exceptions.TooManyConnectionsError
