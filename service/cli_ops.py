@@ -151,7 +151,7 @@ async def _cancel(conn: AsyncConnection, _: Settings, args: argparse.Namespace) 
 
 async def _replay(conn: AsyncConnection, settings: Settings, args: argparse.Namespace) -> int:
     if args.id is not None:
-        filed = await deliveries.replay(conn, args.id, settings.rearm_policy)
+        filed = await deliveries.replay_one(conn, args.id, settings.rearm_policy)
         if filed is None:
             return _not_found("replayable delivery")
         document = {"delivery_id": args.id, "outcome": filed.outcome}
@@ -162,10 +162,8 @@ async def _replay(conn: AsyncConnection, settings: Settings, args: argparse.Name
         return 2
     ids = await deliveries.deliveries_to_replay(conn, args.received_from, args.received_to)
     outcomes: dict[str, int] = {}
-    for delivery_id in [] if args.dry_run else ids:
-        filed = await deliveries.replay(conn, delivery_id, settings.rearm_policy)
-        if filed is not None:
-            outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
+    for filed in [] if args.dry_run else await deliveries.replay(conn, ids, settings.rearm_policy):
+        outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
     _print_document(args, {"dry_run": args.dry_run, "matched": len(ids), "outcomes": outcomes})
     return 0
 

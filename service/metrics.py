@@ -81,6 +81,12 @@ class Metrics:
             "Deliveries whose older state was not allowed to move a status back.",
             registry=registry,
         )
+        self.webhook_batch_size = Histogram(
+            "tracking_webhook_batch_size",
+            "Deliveries committed together in one transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
         self.rearms = Counter(
             "tracking_rearms_total",
             "Tracking restarts scheduled after an EX.",

@@ -1,5 +1,6 @@
-"""Property: however a package's deliveries arrive (any order, any repeats), the subscription
-ends with the same status and the same history as when they arrive in order."""
+"""Property: however a package's deliveries arrive (any order, any repeats, any grouping into
+batches committed together), the subscription ends with the same status and the same history
+as when they arrive in order, one by one."""
 
 from __future__ import annotations
 
@@ -44,21 +45,19 @@ def delivery(number: str, step: int) -> dict[str, Any]:
     return body
 
 
-async def file_all(engine: AsyncEngine, number: str, order: list[int]) -> dict[str, Any]:
+async def file_all(
+    engine: AsyncEngine, number: str, order: list[int], batch_sizes: list[int] | None = None
+) -> dict[str, Any]:
+    """File the steps in `order`, one per transaction, or in batches of the sizes given."""
     async with engine.begin() as conn:
         row, _ = await create_subscription(conn, NewSubscription("ups", number))
-    for step in order:
-        payload = delivery(number, step)
-        update = parse_track_payload(payload)
-        incoming = Incoming(
-            headers={},
-            body=json.dumps(payload).encode(),
-            update=update,
-            content_sha256=content_digest(payload, update),
-            verification="verified",
-        )
+    pending = [incoming(number, step) for step in order]
+    sizes = iter(batch_sizes or [])
+    while pending:
+        size = next(sizes, 1)
+        batch, pending = pending[:size], pending[size:]
         async with engine.begin() as conn:
-            await store_and_file(conn, incoming, REARM)
+            await store_and_file(conn, batch, REARM)
     async with engine.connect() as conn:
         current = await get_subscription(conn, row["id"])
         events = await list_events(conn, row["id"])
@@ -71,18 +70,48 @@ async def file_all(engine: AsyncEngine, number: str, order: list[int]) -> dict[s
     }
 
 
-@settings(
+def incoming(number: str, step: int) -> Incoming:
+    payload = delivery(number, step)
+    update = parse_track_payload(payload)
+    return Incoming(
+        headers={},
+        body=json.dumps(payload).encode(),
+        update=update,
+        content_sha256=content_digest(payload, update),
+        verification="verified",
+    )
+
+
+# Every step at least once, some repeated, in any order.
+ORDERS = (
+    st.lists(st.integers(min_value=1, max_value=STEPS), min_size=1, max_size=12)
+    .map(lambda extra: [*extra, *range(1, STEPS + 1)])
+    .flatmap(st.permutations)
+)
+EXAMPLES = settings(
     max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(
-    order=st.lists(st.integers(min_value=1, max_value=STEPS), min_size=1, max_size=12)
-    .map(lambda extra: [*extra, *range(1, STEPS + 1)])
-    .flatmap(st.permutations)
-)
+
+
+@EXAMPLES
+@given(order=ORDERS)
 async def test_any_order_and_repetition_ends_as_the_ordered_sequence(
     engine: AsyncEngine, order: list[int]
 ) -> None:
     expected = await file_all(engine, f"ORDERED{next(_numbers)}", list(range(1, STEPS + 1)))
     assert await file_all(engine, f"SHUFFLED{next(_numbers)}", order) == expected
+
+
+@EXAMPLES
+@given(
+    order=ORDERS,
+    batch_sizes=st.lists(st.integers(min_value=1, max_value=18), min_size=1, max_size=6),
+)
+async def test_any_grouping_into_batches_ends_as_the_ordered_sequence(
+    engine: AsyncEngine, order: list[int], batch_sizes: list[int]
+) -> None:
+    expected = await file_all(engine, f"ORDERED{next(_numbers)}", list(range(1, STEPS + 1)))
+    batched = await file_all(engine, f"BATCHED{next(_numbers)}", order, batch_sizes)
+    assert batched == expected

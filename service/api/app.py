@@ -10,7 +10,7 @@ from aiohttp import web
 
 from service.api import health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
-from service.api.keys import ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
+from service.api.keys import BATCHER, ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
@@ -18,6 +18,7 @@ from service.db.engine import engine_from
 from service.metrics import Metrics
 from service.settings import Settings
 from service.webhooks import receiver, replay
+from service.webhooks.batching import DeliveryBatcher
 from service.webhooks.signatures import KeySet, SignatureVerifier
 
 log = structlog.get_logger(__name__)
@@ -36,6 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_cleanup.append(stop_recounting)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
+    app.cleanup_ctx.append(_delivery_batcher)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)
     app.add_routes(ops.routes)
@@ -57,6 +59,15 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINE].dispose()
     if app[READ_ENGINE] is not app[ENGINE]:
         await app[READ_ENGINE].dispose()
+
+
+async def _delivery_batcher(app: web.Application) -> AsyncIterator[None]:
+    """Closed before the engine, so what is queued is committed first."""
+    batcher = DeliveryBatcher(app[ENGINE], app[SETTINGS].rearm_policy, app[METRICS])
+    batcher.start()
+    app[BATCHER] = batcher
+    yield
+    await batcher.close()
 
 
 async def _webhook_keys(app: web.Application) -> AsyncIterator[None]:

@@ -5,6 +5,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.metrics import Metrics
 from service.settings import Settings
+from service.webhooks.batching import DeliveryBatcher
 from service.webhooks.signatures import SignatureVerifier
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -13,3 +14,4 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 READ_ENGINE = web.AppKey("read_engine", AsyncEngine)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
+BATCHER = web.AppKey("batcher", DeliveryBatcher)

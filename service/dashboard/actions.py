@@ -69,7 +69,7 @@ async def replay(request: web.Request) -> web.Response:
     delivery_id = _delivery_id(request)
     rearm = request.config_dict[SETTINGS].rearm_policy
     async with request.config_dict[ENGINE].begin() as conn:
-        filed = await deliveries.replay(conn, delivery_id, rearm)
+        filed = await deliveries.replay_one(conn, delivery_id, rearm)
     log.info("dashboard.replay", delivery_id=delivery_id, client=viewer.holder.client)
     viewer.session.flash = (
         f"Delivery {delivery_id} not replayed: unknown, or refused (never trusted)."

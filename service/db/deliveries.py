@@ -3,36 +3,39 @@
 Filing is one code path for everything that tells us about a package: a webhook, a replay of a
 stored delivery, an orphan adopted by a new subscription, a reconciler's poll. It is idempotent:
 events are stored once, a status never moves back in time, so filing anything again is harmless.
+
+It is also set-based: many deliveries (those a receiver commits together, the orphans a new
+subscription adopts) cost the same few statements as one. Each statement takes its rows as
+arrays and `unnest`s them, so its text never changes with the number of rows and PostgreSQL
+prepares it once. The deliveries of a batch are filed in the order given, each against its
+subscription as the ones before left it, exactly as if they had come one by one.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.subscriptions import LIVE
-from service.db.tables import status_changes, subscriptions, tracking_events, webhook_deliveries
+from service.db.tables import webhook_deliveries
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import (
-    EXCEPTION_STATUS,
+    PackageStatus,
     RearmPolicy,
+    TrackEvent,
     TrackingUpdate,
-    decide_status,
+    file_update,
     parse_track_payload,
 )
-
-# The partial unique index that keeps one original per content, as ON CONFLICT must name it.
-ORIGINALS = sa.text("outcome IN ('filed', 'orphan')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,26 +61,249 @@ class FiledDelivery:
     rearmed: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A stored delivery to file. `outcome` is what its row says now; None leaves the row as
+    it is (a duplicate replayed files its content but stays a duplicate)."""
+
+    delivery_id: int
+    update: TrackingUpdate
+    outcome: str | None
+
+
 async def store_and_file(
-    conn: AsyncConnection, incoming: Incoming, rearm: RearmPolicy
-) -> FiledDelivery:
-    """Keep the delivery and file what it says; a copy of stored content is kept as a duplicate.
+    conn: AsyncConnection, incoming: Sequence[Incoming], rearm: RearmPolicy
+) -> list[FiledDelivery]:
+    """Keep each delivery and file what it says; a copy of stored content is kept as a duplicate.
 
     The unique index on content recognises a copy before any subscription row is locked, so a
-    burst of retries of one delivery does not queue up on its subscription.
+    burst of retries of one delivery does not queue up on its subscription. Within the batch,
+    the first of equal contents is the candidate original and the others its copies.
     """
-    update = incoming.update
-    values = _delivery_values(incoming)
-    original = (
-        await conn.execute(_INSERT_ORIGINAL, {**values, "outcome": "orphan"})
-    ).scalar_one_or_none()
-    if original is not None:
-        return await file_delivery(conn, original, update, rearm)
-    copy = await conn.execute(
-        _INSERT_COPY, {**values, "outcome": "duplicate", "b_content": incoming.content_sha256}
+    first_of: dict[bytes, int] = {}
+    for index, item in enumerate(incoming):
+        first_of.setdefault(item.content_sha256, index)
+    candidates = [incoming[index] for index in first_of.values()]
+    originals = await _insert_originals(conn, candidates)
+    is_original = [
+        first_of[item.content_sha256] == index and item.content_sha256 in originals
+        for index, item in enumerate(incoming)
+    ]
+    pairs = list(zip(incoming, is_original, strict=True))
+    to_file = [
+        Stored(originals[item.content_sha256], item.update, "orphan")
+        for item, original in pairs
+        if original
+    ]
+    filed = iter(await file_stored(conn, to_file, rearm))
+    # After filing: a copy of an original of this batch is filed against what it was.
+    copies = iter(await _insert_copies(conn, [item for item, original in pairs if not original]))
+    return [next(filed) if original else next(copies) for original in is_original]
+
+
+async def file_stored(
+    conn: AsyncConnection, deliveries: Sequence[Stored], rearm: RearmPolicy
+) -> list[FiledDelivery]:
+    """File stored deliveries against the live subscriptions of their packages (or keep them
+    orphans), in the order given; one result per delivery, in that order."""
+    if not deliveries:
+        return []
+    live = await _lock_live(conn, {d.update.tracking_number for d in deliveries})
+    shown: dict[uuid.UUID, PackageStatus] = {}
+    events: dict[tuple[uuid.UUID, bytes], tuple[int, TrackEvent]] = {}
+    changes: list[dict[str, Any]] = []
+    marks: list[tuple[int, str, uuid.UUID | None]] = []
+    results: list[FiledDelivery] = []
+    for delivery in deliveries:
+        subscription = _match(live, delivery.update)
+        if subscription is None:
+            if delivery.outcome not in (None, "orphan"):
+                marks.append((delivery.delivery_id, "orphan", None))
+            results.append(FiledDelivery(delivery.delivery_id, "orphan", None))
+            continue
+        for event in delivery.update.events:
+            events.setdefault((subscription.id, event.key), (delivery.delivery_id, event))
+        before = shown.get(subscription.id) or _package_status(subscription)
+        filing = file_update(before, delivery.update, rearm)
+        shown[subscription.id] = filing.status
+        if filing.changed:
+            changes.append(
+                {
+                    "subscription_id": subscription.id,
+                    "previous": before.status_code,
+                    "status_code": filing.status.status_code,
+                    "occurred_at": delivery.update.newest_event_at,
+                    "delivery_id": delivery.delivery_id,
+                }
+            )
+        if delivery.outcome is not None:
+            marks.append((delivery.delivery_id, "filed", subscription.id))
+        results.append(
+            FiledDelivery(
+                delivery.delivery_id,
+                "filed",
+                subscription.id,
+                status_changed=filing.changed,
+                regression=filing.regression,
+                rearmed=filing.rearmed,
+            )
+        )
+    new_events = await _insert_events(conn, events)
+    await _update_statuses(conn, shown, rearm)
+    await _insert_status_changes(conn, changes)
+    await _mark(conn, marks)
+    return [
+        dataclasses.replace(result, new_events=new_events[result.delivery_id])
+        if result.outcome == "filed"
+        else result
+        for result in results
+    ]
+
+
+def _match(live: dict[str, list[Row[Any]]], update: TrackingUpdate) -> Row[Any] | None:
+    """The newest live subscription of the package. The carrier code can be missing from a
+    delivery; the tracking number alone then decides."""
+    candidates = [
+        row
+        for row in live.get(update.tracking_number or "", ())
+        if update.carrier_code is None or row.carrier_code == update.carrier_code
+    ]
+    return max(candidates, key=lambda row: row.created_at, default=None)
+
+
+def _package_status(subscription: Row[Any]) -> PackageStatus:
+    return PackageStatus(
+        status_code=subscription.status_code,
+        status_description=subscription.status_description,
+        estimated_delivery_date=subscription.estimated_delivery_date,
+        actual_delivery_date=subscription.actual_delivery_date,
+        last_event_at=subscription.last_event_at,
+        rearms=subscription.rearms,
+        rearm_due=subscription.next_attempt_at is not None,
+        rearmable=subscription.state == SubscriptionState.ACTIVE.value
+        and subscription.done_at is None,
     )
-    delivery_id, subscription_id = copy.one()
-    return FiledDelivery(delivery_id, "duplicate", subscription_id)
+
+
+async def _insert_originals(conn: AsyncConnection, incoming: list[Incoming]) -> dict[bytes, int]:
+    """Store each as the original of its content unless one is stored already: content -> id."""
+    if not incoming:
+        return {}
+    rows = await conn.execute(_INSERT_ORIGINALS, _delivery_arrays(incoming))
+    return {row.content_sha256: row.id for row in rows}
+
+
+async def _insert_copies(conn: AsyncConnection, incoming: list[Incoming]) -> list[FiledDelivery]:
+    if not incoming:
+        return []
+    # Identities are drawn in the order rows are inserted, which is the order given.
+    rows = sorted(await conn.execute(_INSERT_COPIES, _delivery_arrays(incoming)), key=_by_id)
+    return [FiledDelivery(row.id, "duplicate", row.subscription_id) for row in rows]
+
+
+def _by_id(row: Row[Any]) -> int:
+    delivery_id: int = row.id
+    return delivery_id
+
+
+def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
+    return {
+        "headers": [json.dumps(item.headers) for item in incoming],
+        "bodies": [item.body for item in incoming],
+        "body_sha256s": [hashlib.sha256(item.body).digest() for item in incoming],
+        "contents": [item.content_sha256 for item in incoming],
+        "resource_types": [item.update.resource_type for item in incoming],
+        "carrier_codes": [item.update.carrier_code for item in incoming],
+        "tracking_numbers": [item.update.tracking_number for item in incoming],
+        "sources": [item.source for item in incoming],
+        "verifications": [item.verification for item in incoming],
+    }
+
+
+async def _lock_live(
+    conn: AsyncConnection, tracking_numbers: Iterable[str | None]
+) -> dict[str, list[Row[Any]]]:
+    """The live subscriptions of these tracking numbers, locked in id order (so that batches
+    that share subscriptions wait for each other instead of deadlocking)."""
+    numbers = sorted(number for number in tracking_numbers if number is not None)
+    live: dict[str, list[Row[Any]]] = collections.defaultdict(list)
+    if numbers:
+        for row in await conn.execute(_LOCK_LIVE, {"numbers": numbers}):
+            live[row.tracking_number].append(row)
+    return live
+
+
+async def _insert_events(
+    conn: AsyncConnection, events: dict[tuple[uuid.UUID, bytes], tuple[int, TrackEvent]]
+) -> collections.Counter[int]:
+    """Insert the events their subscriptions do not have yet: new events per delivery."""
+    if not events:
+        return collections.Counter()
+    columns: dict[str, list[Any]] = {
+        "subscription_ids": [],
+        "event_keys": [],
+        "delivery_ids": [],
+        **{f"{field}s": [] for field in _EVENT_FIELDS},
+    }
+    for (subscription_id, key), (delivery_id, event) in events.items():
+        columns["subscription_ids"].append(subscription_id)
+        columns["event_keys"].append(key)
+        columns["delivery_ids"].append(delivery_id)
+        for field in _EVENT_FIELDS:
+            columns[f"{field}s"].append(getattr(event, field))
+    rows = await conn.execute(_INSERT_EVENTS, columns)
+    return collections.Counter(row.delivery_id for row in rows)
+
+
+async def _update_statuses(
+    conn: AsyncConnection, shown: dict[uuid.UUID, PackageStatus], rearm: RearmPolicy
+) -> None:
+    """Write what each subscription shows after its deliveries; its row is locked, so the
+    values computed here are the ones to keep."""
+    if not shown:
+        return
+    statuses = list(shown.values())
+    await conn.execute(
+        _UPDATE_STATUSES,
+        {
+            "ids": list(shown),
+            "status_codes": [s.status_code for s in statuses],
+            "status_descriptions": [s.status_description for s in statuses],
+            "estimated": [s.estimated_delivery_date for s in statuses],
+            "actual": [s.actual_delivery_date for s in statuses],
+            "last_event_ats": [s.last_event_at for s in statuses],
+            "rearms": [s.rearms for s in statuses],
+            "rearm_dues": [s.rearm_due for s in statuses],
+            "rearm_delay_s": rearm.delay_s,
+        },
+    )
+
+
+async def _insert_status_changes(conn: AsyncConnection, changes: list[dict[str, Any]]) -> None:
+    if changes:
+        await conn.execute(
+            _INSERT_STATUS_CHANGES,
+            {
+                "subscription_ids": [c["subscription_id"] for c in changes],
+                "previous": [c["previous"] for c in changes],
+                "status_codes": [c["status_code"] for c in changes],
+                "occurred_ats": [c["occurred_at"] for c in changes],
+                "delivery_ids": [c["delivery_id"] for c in changes],
+            },
+        )
+
+
+async def _mark(conn: AsyncConnection, marks: list[tuple[int, str, uuid.UUID | None]]) -> None:
+    if marks:
+        ids, outcomes, subscription_ids = zip(*marks, strict=True)
+        await conn.execute(
+            _MARK,
+            {
+                "ids": list(ids),
+                "outcomes": list(outcomes),
+                "subscription_ids": list(subscription_ids),
+            },
+        )
 
 
 async def record_refusal(
@@ -106,143 +332,6 @@ async def record_refusal(
     return delivery_id
 
 
-def _delivery_values(incoming: Incoming) -> dict[str, Any]:
-    return {
-        "headers": incoming.headers,
-        "body": incoming.body,
-        "body_sha256": hashlib.sha256(incoming.body).digest(),
-        "content_sha256": incoming.content_sha256,
-        "resource_type": incoming.update.resource_type,
-        "carrier_code": incoming.update.carrier_code,
-        "tracking_number": incoming.update.tracking_number,
-        "source": incoming.source,
-        "verification": incoming.verification,
-    }
-
-
-async def file_delivery(
-    conn: AsyncConnection,
-    delivery_id: int,
-    update: TrackingUpdate,
-    rearm: RearmPolicy,
-    *,
-    mark_delivery: bool = True,
-) -> FiledDelivery:
-    """File a stored delivery against the live subscription of its package (or keep it orphan).
-
-    `mark_delivery=False` files a duplicate's content without touching its row (replays).
-    """
-    subscription = await _lock_subscription(conn, update)
-    if subscription is None:
-        if mark_delivery:
-            await _mark(conn, delivery_id, "orphan", None)
-        return FiledDelivery(delivery_id, "orphan", None)
-    new_events = await _add_events(conn, subscription.id, delivery_id, update)
-    filed = await _update_status(conn, subscription, delivery_id, update, rearm)
-    if mark_delivery:
-        await _mark(conn, delivery_id, "filed", subscription.id)
-    return dataclasses.replace(filed, new_events=new_events)
-
-
-async def _mark(
-    conn: AsyncConnection, delivery_id: int, outcome: str, subscription_id: uuid.UUID | None
-) -> None:
-    params = {"b_id": delivery_id, "outcome": outcome, "subscription_id": subscription_id}
-    await conn.execute(_MARK, params)
-
-
-async def _lock_subscription(conn: AsyncConnection, update: TrackingUpdate) -> Row[Any] | None:
-    """The live subscription for the package, locked so concurrent deliveries file in turn.
-
-    The carrier code can be missing from a delivery; the tracking number alone then decides.
-    """
-    if update.tracking_number is None:
-        return None
-    params = {"b_number": update.tracking_number, "b_carrier": update.carrier_code}
-    query = _LOCK_BY_NUMBER if update.carrier_code is None else _LOCK_BY_PACKAGE
-    row: Row[Any] | None = (await conn.execute(query, params)).first()
-    return row
-
-
-async def _add_events(
-    conn: AsyncConnection, subscription_id: uuid.UUID, delivery_id: int, update: TrackingUpdate
-) -> int:
-    """Insert the events the subscription does not have yet; returns how many were new."""
-    if not update.events:
-        return 0
-    rows = [
-        {**event.as_row(), "subscription_id": subscription_id, "delivery_id": delivery_id}
-        for event in update.events
-    ]
-    # One statement whatever the number of events: executed for many rows, SQLAlchemy sends
-    # them as a multi-row INSERT but compiles it once (a `.values(rows)` would be compiled
-    # anew for each count of events, which profiling showed on every delivery).
-    return len((await conn.execute(_INSERT_EVENTS, rows)).all())
-
-
-_INSERT_EVENTS = (
-    pg_insert(tracking_events)
-    .on_conflict_do_nothing(index_elements=["subscription_id", "event_key"])
-    .returning(tracking_events.c.id)
-)
-
-
-async def _update_status(
-    conn: AsyncConnection,
-    subscription: Row[Any],
-    delivery_id: int,
-    update: TrackingUpdate,
-    rearm: RearmPolicy,
-) -> FiledDelivery:
-    """Take the delivery's status unless it is older than what the subscription shows."""
-    decision = decide_status(subscription.status_code, subscription.last_event_at, update)
-    newest = update.newest_event_at
-    changed = decision.take and update.status_code != subscription.status_code
-    rearmed = changed and _should_rearm(subscription, update, rearm)
-    await conn.execute(
-        _UPDATE_STATUS,
-        {
-            "b_id": subscription.id,
-            "b_newest": newest,
-            "b_take": decision.take,
-            "b_status_code": update.status_code,
-            "b_status_description": update.status_description,
-            "b_estimated": update.estimated_delivery_date,
-            "b_actual": update.actual_delivery_date,
-            "b_rearm_in": timedelta(seconds=rearm.delay_s) if rearmed else None,
-        },
-    )
-    if changed:
-        await conn.execute(
-            _INSERT_STATUS_CHANGE,
-            {
-                "subscription_id": subscription.id,
-                "previous_status_code": subscription.status_code,
-                "status_code": update.status_code,
-                "occurred_at": newest,
-                "delivery_id": delivery_id,
-            },
-        )
-    return FiledDelivery(
-        delivery_id,
-        "filed",
-        subscription.id,
-        status_changed=changed,
-        regression=decision.regression,
-        rearmed=rearmed,
-    )
-
-
-def _should_rearm(subscription: Row[Any], update: TrackingUpdate, rearm: RearmPolicy) -> bool:
-    return (
-        update.status_code == EXCEPTION_STATUS
-        and subscription.state == SubscriptionState.ACTIVE.value
-        and subscription.next_attempt_at is None
-        and subscription.done_at is None
-        and subscription.rearms < rearm.max_rearms
-    )
-
-
 async def adopt_orphans(
     conn: AsyncConnection, packages: Sequence[tuple[str, str]], rearm: RearmPolicy
 ) -> set[tuple[str, str]]:
@@ -265,6 +354,7 @@ async def adopt_orphans(
         )
     ).all()
     adopted = set()
+    to_file = []
     for orphan in orphans:
         # A delivery without a carrier code belongs to whichever carrier has its number.
         matches = [(c, n) for c, n in wanted if n == orphan.tracking_number]
@@ -272,8 +362,9 @@ async def adopt_orphans(
         if match is None and orphan.carrier_code is None and matches:
             match = matches[0]
         if match is not None:
-            await file_delivery(conn, orphan.id, _reparse(orphan.body), rearm)
+            to_file.append(Stored(orphan.id, _reparse(orphan.body), "orphan"))
             adopted.add(match)
+    await file_stored(conn, to_file, rearm)
     return adopted
 
 
@@ -302,115 +393,148 @@ async def deliveries_to_replay(
 
 
 async def replay(
+    conn: AsyncConnection, delivery_ids: Sequence[int], rearm: RearmPolicy
+) -> list[FiledDelivery]:
+    """File stored deliveries again, in id order; refused ones (never trusted) and unknown ids
+    are left out."""
+    rows = (
+        await conn.execute(
+            sa.select(
+                webhook_deliveries.c.id, webhook_deliveries.c.body, webhook_deliveries.c.outcome
+            )
+            .where(
+                webhook_deliveries.c.id.in_(delivery_ids),
+                webhook_deliveries.c.outcome != "refused",
+            )
+            .order_by(webhook_deliveries.c.id)
+        )
+    ).all()
+    stored = [
+        Stored(row.id, _reparse(row.body), None if row.outcome == "duplicate" else row.outcome)
+        for row in rows
+    ]
+    return await file_stored(conn, stored, rearm)
+
+
+async def replay_one(
     conn: AsyncConnection, delivery_id: int, rearm: RearmPolicy
 ) -> FiledDelivery | None:
-    """File a stored delivery again; None if there is none, or it was refused (never trusted)."""
-    row = (
-        await conn.execute(
-            sa.select(webhook_deliveries.c.body, webhook_deliveries.c.outcome).where(
-                webhook_deliveries.c.id == delivery_id
-            )
-        )
-    ).first()
-    if row is None or row.outcome == "refused":
-        return None
-    return await file_delivery(
-        conn, delivery_id, _reparse(row.body), rearm, mark_delivery=row.outcome != "duplicate"
-    )
+    """`replay` of one delivery; None if there is none, or it was refused."""
+    replayed = await replay(conn, [delivery_id], rearm)
+    return replayed[0] if replayed else None
 
 
-# The statements of the webhook path, built once: per delivery only parameters change, so
-# SQLAlchemy neither rebuilds nor recompiles them (profiling showed both on every delivery).
-_INSERT_ORIGINAL = (
-    pg_insert(webhook_deliveries)
-    .on_conflict_do_nothing(index_elements=["content_sha256"], index_where=ORIGINALS)
-    .returning(webhook_deliveries.c.id)
+# The webhook path's statements. Rows come as arrays, so the text is the same for one row or a
+# thousand: compiled once by SQLAlchemy, prepared once by PostgreSQL.
+_DELIVERY_ROWS = """
+    unnest(CAST(:headers AS text[]), CAST(:bodies AS bytea[]), CAST(:body_sha256s AS bytea[]),
+           CAST(:contents AS bytea[]), CAST(:resource_types AS text[]),
+           CAST(:carrier_codes AS text[]), CAST(:tracking_numbers AS text[]),
+           CAST(:sources AS text[]), CAST(:verifications AS text[]))
+        WITH ORDINALITY AS v(headers, body, body_sha256, content_sha256, resource_type,
+                             carrier_code, tracking_number, source, verification, ord)
+"""
+_DELIVERY_COLUMNS = (
+    "headers, body, body_sha256, content_sha256, resource_type, carrier_code, tracking_number, "
+    "source, verification, outcome"
+)
+_DELIVERY_VALUES = (
+    "CAST(v.headers AS jsonb), v.body, v.body_sha256, v.content_sha256, v.resource_type, "
+    "v.carrier_code, v.tracking_number, v.source, v.verification"
+)
+
+# One original per content: the partial unique index, named by its predicate as ON CONFLICT
+# requires. Stored as orphans; filing marks those it files.
+_INSERT_ORIGINALS = sa.text(
+    f"""
+    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS})
+    SELECT {_DELIVERY_VALUES}, 'orphan' FROM {_DELIVERY_ROWS} ORDER BY v.ord
+    ON CONFLICT (content_sha256) WHERE outcome IN ('filed', 'orphan') DO NOTHING
+    RETURNING id, content_sha256
+    """
 )
 
 # A copy is filed against whatever its original was filed against.
-_INSERT_COPY = (
-    sa.insert(webhook_deliveries)
-    .values(
-        subscription_id=sa.select(webhook_deliveries.c.subscription_id)
-        .where(webhook_deliveries.c.content_sha256 == sa.bindparam("b_content"), ORIGINALS)
-        .scalar_subquery()
-    )
-    .returning(webhook_deliveries.c.id, webhook_deliveries.c.subscription_id)
+_INSERT_COPIES = sa.text(
+    f"""
+    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
+    SELECT {_DELIVERY_VALUES}, 'duplicate',
+           (SELECT o.subscription_id FROM webhook_deliveries AS o
+            WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan'))
+    FROM {_DELIVERY_ROWS} ORDER BY v.ord
+    RETURNING id, subscription_id
+    """
 )
 
-_MARK = (
-    sa.update(webhook_deliveries)
-    .where(webhook_deliveries.c.id == sa.bindparam("b_id"))
-    .values(outcome=sa.bindparam("outcome"), subscription_id=sa.bindparam("subscription_id"))
+# `state <> 'stopped'` is the live-package index's predicate, so the index serves the lookup.
+_LOCK_LIVE = sa.text(
+    """
+    SELECT id, carrier_code, tracking_number, created_at, state, done_at, status_code,
+           status_description, estimated_delivery_date, actual_delivery_date, last_event_at,
+           rearms, next_attempt_at
+    FROM subscriptions
+    WHERE tracking_number = ANY(CAST(:numbers AS text[])) AND state <> 'stopped'
+    ORDER BY id
+    FOR UPDATE
+    """
 )
 
-
-def _lock(*where: sa.ColumnElement[bool]) -> sa.Select[Any]:
-    return (
-        sa.select(
-            subscriptions.c.id,
-            subscriptions.c.state,
-            subscriptions.c.status_code,
-            subscriptions.c.last_event_at,
-            subscriptions.c.rearms,
-            subscriptions.c.next_attempt_at,
-            subscriptions.c.done_at,
-        )
-        .where(subscriptions.c.tracking_number == sa.bindparam("b_number"), LIVE, *where)
-        .order_by(subscriptions.c.created_at.desc())
-        .limit(1)
-        .with_for_update()
-    )
-
-
-_LOCK_BY_NUMBER = _lock()
-_LOCK_BY_PACKAGE = _lock(subscriptions.c.carrier_code == sa.bindparam("b_carrier"))
-
-
-_TAKE = sa.bindparam("b_take", type_=sa.Boolean())
-
-
-def _taken(
-    column: str, param: str, type_: sa.types.TypeEngine[Any], *, keep_if_missing: bool
-) -> Any:
-    """The delivery's value when its status is taken, else the current one. A field the
-    delivery leaves out (None) keeps what we know when `keep_if_missing`: it is no news."""
-    value = sa.bindparam(f"b_{param}", type_=type_)
-    current = subscriptions.c[column]
-    new = sa.func.coalesce(value, current) if keep_if_missing else value
-    return sa.case((_TAKE, new), else_=current)
-
-
-_REARM_IN = sa.bindparam("b_rearm_in", type_=sa.Interval())
-_UPDATE_STATUS = (
-    sa.update(subscriptions)
-    .where(subscriptions.c.id == sa.bindparam("b_id"))
-    .values(
-        updated_at=sa.func.now(),
-        last_heard_at=sa.func.now(),
-        last_event_at=sa.func.coalesce(
-            sa.func.greatest(
-                subscriptions.c.last_event_at,
-                sa.bindparam("b_newest", type_=sa.DateTime(timezone=True)),
-            ),
-            subscriptions.c.last_event_at,
-        ),
-        status_code=_taken("status_code", "status_code", sa.Text(), keep_if_missing=False),
-        status_description=_taken(
-            "status_description", "status_description", sa.Text(), keep_if_missing=True
-        ),
-        estimated_delivery_date=_taken(
-            "estimated_delivery_date", "estimated", sa.DateTime(timezone=True), keep_if_missing=True
-        ),
-        actual_delivery_date=_taken(
-            "actual_delivery_date", "actual", sa.DateTime(timezone=True), keep_if_missing=True
-        ),
-        # A restart of tracking after an EX: due later, counted.
-        next_attempt_at=sa.func.coalesce(
-            sa.func.now() + _REARM_IN, subscriptions.c.next_attempt_at
-        ),
-        rearms=subscriptions.c.rearms + sa.case((_REARM_IN.is_not(None), 1), else_=0),
-    )
+_EVENT_FIELDS = tuple(field.name for field in dataclasses.fields(TrackEvent))
+_EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude": "float8"}
+_INSERT_EVENTS = sa.text(
+    f"""
+    INSERT INTO tracking_events
+        (subscription_id, event_key, delivery_id, {", ".join(_EVENT_FIELDS)})
+    SELECT * FROM unnest(
+        CAST(:subscription_ids AS uuid[]), CAST(:event_keys AS bytea[]),
+        CAST(:delivery_ids AS bigint[]),
+        {", ".join(f"CAST(:{f}s AS {_EVENT_TYPES.get(f, 'text')}[])" for f in _EVENT_FIELDS)})
+    ON CONFLICT (subscription_id, event_key) DO NOTHING
+    RETURNING delivery_id
+    """
 )
 
-_INSERT_STATUS_CHANGE = sa.insert(status_changes)
+_UPDATE_STATUSES = sa.text(
+    """
+    UPDATE subscriptions AS s
+    SET status_code = v.status_code,
+        status_description = v.status_description,
+        estimated_delivery_date = v.estimated,
+        actual_delivery_date = v.actual,
+        last_event_at = v.last_event_at,
+        rearms = v.rearms,
+        -- A restart of tracking after an EX: due after the delay.
+        next_attempt_at = CASE
+            WHEN v.rearm_due AND s.next_attempt_at IS NULL
+            THEN now() + make_interval(secs => :rearm_delay_s)
+            ELSE s.next_attempt_at END,
+        last_heard_at = now(),
+        updated_at = now()
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:status_codes AS text[]),
+                CAST(:status_descriptions AS text[]), CAST(:estimated AS timestamptz[]),
+                CAST(:actual AS timestamptz[]), CAST(:last_event_ats AS timestamptz[]),
+                CAST(:rearms AS integer[]), CAST(:rearm_dues AS boolean[]))
+        AS v(id, status_code, status_description, estimated, actual, last_event_at, rearms,
+             rearm_due)
+    WHERE s.id = v.id
+    """
+)
+
+_INSERT_STATUS_CHANGES = sa.text(
+    """
+    INSERT INTO status_changes
+        (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
+    SELECT * FROM unnest(CAST(:subscription_ids AS uuid[]), CAST(:previous AS text[]),
+                         CAST(:status_codes AS text[]), CAST(:occurred_ats AS timestamptz[]),
+                         CAST(:delivery_ids AS bigint[]))
+    """
+)
+
+_MARK = sa.text(
+    """
+    UPDATE webhook_deliveries AS d SET outcome = v.outcome, subscription_id = v.subscription_id
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS text[]),
+                CAST(:subscription_ids AS uuid[])) AS v(id, outcome, subscription_id)
+    WHERE d.id = v.id
+    """
+)

@@ -111,7 +111,7 @@ class Reconciler:
             source="poll",
         )
         async with self._engine.begin() as conn:
-            filed = await store_and_file(conn, incoming, self._rearm)
+            (filed,) = await store_and_file(conn, [incoming], self._rearm)
         log.info(
             "reconcile.polled",
             subscription_id=str(package.subscription_id),

@@ -11,8 +11,10 @@ import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
+
+_T = TypeVar("_T")
 
 _EVENT_TEXT_FIELDS = (
     "carrier_occurred_at",
@@ -230,6 +232,69 @@ class RearmPolicy:
 
     max_rearms: int
     delay_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageStatus:
+    """What a subscription shows of its package: all that filing a delivery may change."""
+
+    status_code: str | None
+    status_description: str | None
+    estimated_delivery_date: datetime | None
+    actual_delivery_date: datetime | None
+    last_event_at: datetime | None
+    rearms: int
+    rearm_due: bool  # a restart of tracking is already due (or another call is)
+    rearmable: bool  # active and not done: an EX may restart tracking
+
+
+@dataclasses.dataclass(frozen=True)
+class Filing:
+    """What one delivery did to a package's status."""
+
+    status: PackageStatus
+    changed: bool
+    regression: bool
+    rearmed: bool
+
+
+def file_update(current: PackageStatus, update: TrackingUpdate, rearm: RearmPolicy) -> Filing:
+    """The status after `update`: taken unless older than what is shown (`decide_status`).
+
+    A field the delivery leaves out keeps what we know: it is no news. An EX that changes the
+    status restarts tracking, within `rearm.max_rearms`.
+    """
+    decision = decide_status(current.status_code, current.last_event_at, update)
+    changed = decision.take and update.status_code != current.status_code
+    rearmed = (
+        changed
+        and update.status_code == EXCEPTION_STATUS
+        and current.rearmable
+        and not current.rearm_due
+        and current.rearms < rearm.max_rearms
+    )
+    known = [t for t in (current.last_event_at, update.newest_event_at) if t is not None]
+    status = dataclasses.replace(
+        current,
+        last_event_at=max(known, default=None),
+        rearms=current.rearms + rearmed,
+        rearm_due=current.rearm_due or rearmed,
+    )
+    if decision.take:
+        status = dataclasses.replace(
+            status,
+            status_code=update.status_code,
+            status_description=_news(update.status_description, current.status_description),
+            estimated_delivery_date=_news(
+                update.estimated_delivery_date, current.estimated_delivery_date
+            ),
+            actual_delivery_date=_news(update.actual_delivery_date, current.actual_delivery_date),
+        )
+    return Filing(status, changed=changed, regression=decision.regression, rearmed=rearmed)
+
+
+def _news(value: _T | None, known: _T | None) -> _T | None:
+    return known if value is None else value
 
 
 # How long a package may stay silent before we ask ShipEngine (GET /v1/tracking) whether a

@@ -1,8 +1,9 @@
 """POST /v1/webhooks/shipengine: ShipEngine's `track` deliveries.
 
 A delivery is answered 2xx only after its raw bytes, headers and verification are committed
-together with what it filed; if anything fails first, ShipEngine gets an error and delivers it
-again. Refusals are answered at once and kept (with a capped body) so ops can see them:
+together with what it filed (deliveries that arrive together share a commit: `batching`); if
+anything fails first, ShipEngine gets an error and delivers it again. Refusals are answered at
+once and kept (with a capped body) so ops can see them:
 
 | what | answer |
 |---|---|
@@ -24,8 +25,8 @@ import structlog
 from aiohttp import web
 
 from service.api.errors import ApiError, ErrorDetail
-from service.api.keys import ENGINE, METRICS, SETTINGS, VERIFIER
-from service.db.deliveries import FiledDelivery, Incoming, record_refusal, store_and_file
+from service.api.keys import BATCHER, ENGINE, METRICS, SETTINGS, VERIFIER
+from service.db.deliveries import FiledDelivery, Incoming, record_refusal
 from service.domain.tracking import content_digest, parse_track_payload
 from service.webhooks.signatures import Refusal, secret_matches
 
@@ -76,9 +77,7 @@ async def receive_track(request: web.Request) -> web.Response:
         content_sha256=content_digest(payload, update),
         verification=verification,
     )
-    settings = request.app[SETTINGS]
-    async with request.app[ENGINE].begin() as conn:
-        filed = await store_and_file(conn, incoming, settings.rearm_policy)
+    filed = await request.app[BATCHER].file(incoming)
     _observe(request, filed, update.status_code)
     log.info(
         "webhook.delivery",

@@ -22,6 +22,8 @@ from service.domain.access import Scope
 
 routes = web.RouteTableDef()
 
+REPLAY_CHUNK = 100
+
 
 class ReplayRange(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +54,7 @@ class ReplayRange(BaseModel):
 async def replay_one(request: web.Request) -> web.Response:
     delivery_id = _delivery_id(request)
     async with request.app[ENGINE].begin() as conn:
-        filed = await deliveries.replay(conn, delivery_id, request.app[SETTINGS].rearm_policy)
+        filed = await deliveries.replay_one(conn, delivery_id, request.app[SETTINGS].rearm_policy)
     if filed is None:
         raise NotFound.resource("replayable delivery")
     return web.json_response(
@@ -69,18 +71,18 @@ async def replay_one(request: web.Request) -> web.Response:
 @routes.post("/v1/webhooks/deliveries/replay")
 @requires(Scope.OPS)
 async def replay_range(request: web.Request) -> web.Response:
-    """Each delivery is re-filed in its own transaction, so a long replay holds no long locks."""
+    """Re-filed a chunk per transaction, so a long replay holds no long locks."""
     wanted: ReplayRange = parse_body(ReplayRange, await read_json(request))
     engine, rearm = request.app[ENGINE], request.app[SETTINGS].rearm_policy
     async with engine.connect() as conn:
         ids = await deliveries.deliveries_to_replay(conn, wanted.received_from, wanted.received_to)
     outcomes: dict[str, int] = {}
     if not wanted.dry_run:
-        for delivery_id in ids:
+        for start in range(0, len(ids), REPLAY_CHUNK):
+            chunk = ids[start : start + REPLAY_CHUNK]
             async with engine.begin() as conn:
-                filed = await deliveries.replay(conn, delivery_id, rearm)
-            if filed is not None:
-                outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
+                for filed in await deliveries.replay(conn, chunk, rearm):
+                    outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
     return web.json_response({"dry_run": wanted.dry_run, "matched": len(ids), "outcomes": outcomes})
 
 
