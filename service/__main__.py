@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
+import uvloop
 from aiohttp import web
 
 from service import cli_ops, cli_tokens
@@ -19,13 +20,20 @@ def _api() -> None:
     from service.api.app import create_app
 
     settings = _settings()
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 def _dispatcher() -> None:
     from service.dispatcher import runtime
 
-    asyncio.run(runtime.serve(_settings()))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(runtime.serve(_settings()))
 
 
 def _migrate() -> None:

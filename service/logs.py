@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 
@@ -18,10 +19,12 @@ def configure_logging(level: str) -> None:
         processors=[
             *shared,
             structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
+            # orjson: a line per webhook delivery made the standard library's encoder show up
+            # in profiles. Anything orjson cannot encode is logged as its repr.
+            structlog.processors.JSONRenderer(serializer=orjson.dumps, default=repr),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library; render theirs the same way.
