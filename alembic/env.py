@@ -11,6 +11,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from service.db.engine import create_engine
+from service.db.partitions import is_partition
 from service.db.tables import metadata
 
 config = context.config
@@ -23,8 +24,18 @@ def _database_url() -> str:
     return str(url)
 
 
+def _include_name(name: str | None, type_: str, _: object) -> bool:
+    """Partitions are created by the service as time passes, not by the schema."""
+    return not (type_ == "table" and name is not None and is_partition(name))
+
+
 def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=metadata, compare_type=True)
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        compare_type=True,
+        include_name=_include_name,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -24,7 +24,7 @@ import aiohttp
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api.schemas import subscription_json
-from service.db import deliveries, dispatch
+from service.db import deliveries, dispatch, partitions
 from service.db import subscriptions as queries
 from service.db.engine import engine_from
 from service.settings import Settings
@@ -69,6 +69,14 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     dispatch_actions = dispatching.add_subparsers(dest="action", required=True)
     dispatch_actions.add_parser("pause").add_argument("--reason", required=True)
     dispatch_actions.add_parser("resume")
+
+    partitioned = commands.add_parser(
+        "partitions", help="create time partitions ahead, drop those past retention"
+    )
+    maintain = partitioned.add_subparsers(dest="action", required=True).add_parser(
+        "maintain", help="what the API also does at start and hourly"
+    )
+    maintain.add_argument("--dry-run", action="store_true", help="only say what it would do")
 
     register = commands.add_parser(
         "register-webhook", help="create or update ShipEngine's `track` webhook for this service"
@@ -201,6 +209,19 @@ async def _register_webhook(settings: Settings, args: argparse.Namespace) -> int
     return 0
 
 
+async def _maintain_partitions(
+    conn: AsyncConnection, settings: Settings, args: argparse.Namespace
+) -> int:
+    done = await partitions.maintain(
+        conn,
+        delivery_retention_days=settings.delivery_retention_days,
+        event_retention_days=settings.event_retention_days,
+        dry_run=args.dry_run,
+    )
+    _print_json({"dry_run": args.dry_run, **done.as_json()})
+    return 0
+
+
 _COMMANDS: dict[tuple[str, str], Command] = {
     ("subscriptions", "list"): _list,
     ("subscriptions", "show"): _show,
@@ -209,6 +230,7 @@ _COMMANDS: dict[tuple[str, str], Command] = {
     ("deliveries", "replay"): _replay,
     ("dispatch", "pause"): _pause,
     ("dispatch", "resume"): _resume,
+    ("partitions", "maintain"): _maintain_partitions,
 }
 
 

@@ -94,6 +94,11 @@ class Settings:
     """TRACKING_EX_REARM_MAX: times tracking is restarted after an EX (ShipEngine stops on EX)."""
     tracking_ex_rearm_delay_s: float = 900.0
     """TRACKING_EX_REARM_DELAY_S: how long after an EX tracking is restarted."""
+    delivery_retention_days: int = 35
+    """DELIVERY_RETENTION_DAYS: raw webhook deliveries are dropped, a week at a time, after."""
+    event_retention_days: int = 400
+    """EVENT_RETENTION_DAYS: tracking history is dropped, a month of subscriptions at a time,
+    this long after its subscription was created."""
 
     def __post_init__(self) -> None:
         if not self.shipengine_jwks_url:
@@ -107,6 +112,12 @@ class Settings:
         if bool(self.webhook_secret_header) != bool(self.webhook_secret):
             raise SettingsError(
                 "WEBHOOK_SECRET_HEADER: set together with WEBHOOK_SECRET, or neither"
+            )
+        if self.delivery_retention_days > self.event_retention_days:
+            # A delivery is the evidence for events: kept no longer than what it explains.
+            raise SettingsError(
+                "DELIVERY_RETENTION_DAYS: must not be longer than EVENT_RETENTION_DAYS "
+                f"({self.delivery_retention_days} > {self.event_retention_days})"
             )
         if self.dispatch_lease_s <= self.shipengine_timeout_s:
             # A claim must outlive its call, or a second dispatcher could call while the first
@@ -188,6 +199,12 @@ class Settings:
             ),
             tracking_ex_rearm_delay_s=optional(
                 "TRACKING_EX_REARM_DELAY_S", positive_float, cls.tracking_ex_rearm_delay_s
+            ),
+            delivery_retention_days=optional(
+                "DELIVERY_RETENTION_DAYS", positive_int, cls.delivery_retention_days
+            ),
+            event_retention_days=optional(
+                "EVENT_RETENTION_DAYS", positive_int, cls.event_retention_days
             ),
         )
 

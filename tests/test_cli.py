@@ -69,7 +69,9 @@ async def test_subscriptions_list_show_retry_cancel(
     listed = await in_thread(run, "subscriptions", "list", "--state", "failed", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [item["id"] for item in json.loads(listed.stdout)] == [str(bad)]
-    shown = json.loads((await in_thread(run, "subscriptions", "show", str(bad), "--json")).stdout)
+    shown_run = await in_thread(run, "subscriptions", "show", str(bad), "--json")
+    assert shown_run.returncode == 0, shown_run.stderr
+    shown = json.loads(shown_run.stdout)
     assert shown["last_error"]["errors"][0]["error_code"] == "invalid_identifier"
     assert "BAD" in (await in_thread(run, "subscriptions", "list")).stdout
 

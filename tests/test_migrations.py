@@ -10,13 +10,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import migrate
+from service.db.partitions import is_partition
 from service.db.tables import metadata
 
 
 async def tables(engine: AsyncEngine) -> set[str]:
     async with engine.connect() as conn:
         names = await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names())
-    return set(names) - {"alembic_version"}
+    return {name for name in names if not is_partition(name)} - {"alembic_version"}
 
 
 def revisions_in_order(database_url: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,6 +16,7 @@ from service.api.keys import BATCHER, ENGINE, METRICS, READ_ENGINE, SETTINGS, VE
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
+from service.db import partitions
 from service.db.engine import engine_from
 from service.metrics import Metrics
 from service.settings import Settings
@@ -22,6 +25,8 @@ from service.webhooks.batching import DeliveryBatcher
 from service.webhooks.signatures import KeySet, SignatureVerifier
 
 log = structlog.get_logger(__name__)
+
+PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -38,6 +43,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
     app.cleanup_ctx.append(_delivery_batcher)
+    app.cleanup_ctx.append(_partition_maintenance)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)
     app.add_routes(ops.routes)
@@ -59,6 +65,41 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINE].dispose()
     if app[READ_ENGINE] is not app[ENGINE]:
         await app[READ_ENGINE].dispose()
+
+
+async def _partition_maintenance(app: web.Application) -> AsyncIterator[None]:
+    """Partitions are created ahead and dropped past retention: once before the app serves
+    (so a new database is ready at once), then every PARTITION_MAINTENANCE_INTERVAL_S."""
+    await _maintain_partitions(app)
+    task = asyncio.create_task(_maintain_partitions_forever(app))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _maintain_partitions_forever(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(PARTITION_MAINTENANCE_INTERVAL_S)
+        await _maintain_partitions(app)
+
+
+async def _maintain_partitions(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    try:
+        async with app[ENGINE].begin() as conn:
+            done = await partitions.maintain(
+                conn,
+                delivery_retention_days=settings.delivery_retention_days,
+                event_retention_days=settings.event_retention_days,
+            )
+    except Exception:
+        # Inserts still work (a DEFAULT partition takes what has no partition); the next
+        # round tries again.
+        log.exception("partitions.maintenance_failed")
+        return
+    if done.created or done.dropped or done.purged:
+        log.info("partitions.maintained", **done.as_json())
 
 
 async def _delivery_batcher(app: web.Application) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -110,7 +111,7 @@ async def file_stored(
         return []
     live = await _lock_live(conn, {d.update.tracking_number for d in deliveries})
     shown: dict[uuid.UUID, PackageStatus] = {}
-    events: dict[tuple[uuid.UUID, bytes], tuple[int, TrackEvent]] = {}
+    events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]] = {}
     changes: list[dict[str, Any]] = []
     marks: list[tuple[int, str, uuid.UUID | None]] = []
     results: list[FiledDelivery] = []
@@ -122,7 +123,8 @@ async def file_stored(
             results.append(FiledDelivery(delivery.delivery_id, "orphan", None))
             continue
         for event in delivery.update.events:
-            events.setdefault((subscription.id, event.key), (delivery.delivery_id, event))
+            first = (subscription.created_at, delivery.delivery_id, event)
+            events.setdefault((subscription.id, event.key), first)
         before = shown.get(subscription.id) or _package_status(subscription)
         filing = file_update(before, delivery.update, rearm)
         shown[subscription.id] = filing.status
@@ -208,7 +210,7 @@ def _by_id(row: Row[Any]) -> int:
 
 def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
     return {
-        "headers": [json.dumps(item.headers) for item in incoming],
+        "headers": [orjson.dumps(item.headers).decode() for item in incoming],
         "bodies": [item.body for item in incoming],
         "body_sha256s": [hashlib.sha256(item.body).digest() for item in incoming],
         "contents": [item.content_sha256 for item in incoming],
@@ -234,19 +236,22 @@ async def _lock_live(
 
 
 async def _insert_events(
-    conn: AsyncConnection, events: dict[tuple[uuid.UUID, bytes], tuple[int, TrackEvent]]
+    conn: AsyncConnection,
+    events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]],
 ) -> collections.Counter[int]:
     """Insert the events their subscriptions do not have yet: new events per delivery."""
     if not events:
         return collections.Counter()
     columns: dict[str, list[Any]] = {
         "subscription_ids": [],
+        "subscription_created_ats": [],
         "event_keys": [],
         "delivery_ids": [],
         **{f"{field}s": [] for field in _EVENT_FIELDS},
     }
-    for (subscription_id, key), (delivery_id, event) in events.items():
+    for (subscription_id, key), (created_at, delivery_id, event) in events.items():
         columns["subscription_ids"].append(subscription_id)
+        columns["subscription_created_ats"].append(created_at)
         columns["event_keys"].append(key)
         columns["delivery_ids"].append(delivery_id)
         for field in _EVENT_FIELDS:
@@ -443,13 +448,14 @@ _DELIVERY_VALUES = (
     "v.carrier_code, v.tracking_number, v.source, v.verification"
 )
 
-# One original per content: the partial unique index, named by its predicate as ON CONFLICT
-# requires. Stored as orphans; filing marks those it files.
+# One original per content (within the week: the index must hold the partition key): the
+# partial unique index, named by its predicate as ON CONFLICT requires. Stored as orphans;
+# filing marks those it files.
 _INSERT_ORIGINALS = sa.text(
     f"""
     INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS})
     SELECT {_DELIVERY_VALUES}, 'orphan' FROM {_DELIVERY_ROWS} ORDER BY v.ord
-    ON CONFLICT (content_sha256) WHERE outcome IN ('filed', 'orphan') DO NOTHING
+    ON CONFLICT (content_sha256, received_week) WHERE outcome IN ('filed', 'orphan') DO NOTHING
     RETURNING id, content_sha256
     """
 )
@@ -484,12 +490,14 @@ _EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude":
 _INSERT_EVENTS = sa.text(
     f"""
     INSERT INTO tracking_events
-        (subscription_id, event_key, delivery_id, {", ".join(_EVENT_FIELDS)})
+        (subscription_id, subscription_created_at, event_key, delivery_id,
+         {", ".join(_EVENT_FIELDS)})
     SELECT * FROM unnest(
-        CAST(:subscription_ids AS uuid[]), CAST(:event_keys AS bytea[]),
+        CAST(:subscription_ids AS uuid[]), CAST(:subscription_created_ats AS timestamptz[]),
+        CAST(:event_keys AS bytea[]),
         CAST(:delivery_ids AS bigint[]),
         {", ".join(f"CAST(:{f}s AS {_EVENT_TYPES.get(f, 'text')}[])" for f in _EVENT_FIELDS)})
-    ON CONFLICT (subscription_id, event_key) DO NOTHING
+    ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
     RETURNING delivery_id
     """
 )

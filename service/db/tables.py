@@ -105,13 +105,20 @@ sa.Index(
     postgresql_where=sa.and_(subscriptions.c.state == "active", subscriptions.c.done_at.is_(None)),
 )
 
+# Partitioned by week received (`service/db/partitions.py` creates them ahead and drops them
+# past DELIVERY_RETENTION_DAYS). The week is a column of its own because a unique index of a
+# partitioned table must hold the partition key: content dedup works within a week, and a
+# copy that comes a week later is filed again, which filing's idempotence makes harmless.
+RECEIVED_WEEK = "(date_trunc('week', now() AT TIME ZONE 'UTC'))::date"
+
 webhook_deliveries = sa.Table(
     "webhook_deliveries",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
     sa.Column(
         "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+    sa.Column("received_week", sa.Date, nullable=False, server_default=sa.text(RECEIVED_WEEK)),
     sa.Column("headers", pg.JSONB, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("body_sha256", sa.LargeBinary, nullable=False),
@@ -132,31 +139,38 @@ webhook_deliveries = sa.Table(
     # verified, skipped (WEBHOOK_VERIFY=false), not_applicable (polls), or why it was refused.
     sa.Column("verification", sa.Text, nullable=False, server_default="skipped"),
     sa.Column("refusal", sa.Text),
+    sa.PrimaryKeyConstraint("id", "received_week"),
     sa.CheckConstraint("outcome IN ('filed', 'orphan', 'duplicate', 'refused')", name="outcome"),
     sa.CheckConstraint("source IN ('webhook', 'poll')", name="source"),
+    postgresql_partition_by="RANGE (received_week)",
 )
 sa.Index("ix_webhook_deliveries_tracking_number", webhook_deliveries.c.tracking_number)
 sa.Index("ix_webhook_deliveries_subscription_id", webhook_deliveries.c.subscription_id)
 sa.Index("ix_webhook_deliveries_received_at", webhook_deliveries.c.received_at)
-# One original per content; later copies are inserted as duplicates, recognised by this index
-# before any subscription row is locked.
+# One original per content (and week); later copies are inserted as duplicates, recognised by
+# this index before any subscription row is locked.
 sa.Index(
     "uq_webhook_deliveries_content",
     webhook_deliveries.c.content_sha256,
+    webhook_deliveries.c.received_week,
     unique=True,
     postgresql_where=webhook_deliveries.c.outcome.in_(["filed", "orphan"]),
 )
 
+# Partitioned by when their subscription was created: a subscription's events share one
+# partition, so its dedup key stays in one index and its history is dropped whole, after
+# EVENT_RETENTION_DAYS. (By `occurred_at` the key could be NULL or far in the past.)
 tracking_events = sa.Table(
     "tracking_events",
     metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
     sa.Column(
         "subscription_id",
         pg.UUID(as_uuid=True),
         sa.ForeignKey("subscriptions.id", ondelete="CASCADE"),
         nullable=False,
     ),
+    sa.Column("subscription_created_at", sa.DateTime(timezone=True), nullable=False),
     # A digest of the event's identifying fields: the same event in a later delivery (every
     # delivery repeats the whole history) collides here and is stored once.
     sa.Column("event_key", sa.LargeBinary, nullable=False),
@@ -176,13 +190,16 @@ tracking_events = sa.Table(
     sa.Column("signer", sa.Text),
     sa.Column("latitude", sa.Float),
     sa.Column("longitude", sa.Float),
-    sa.Column(
-        "delivery_id", sa.BigInteger, sa.ForeignKey("webhook_deliveries.id", ondelete="SET NULL")
-    ),
+    # The delivery that first told us; no foreign key, as deliveries are kept shorter.
+    sa.Column("delivery_id", sa.BigInteger),
     sa.Column(
         "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
-    sa.UniqueConstraint("subscription_id", "event_key"),
+    sa.PrimaryKeyConstraint("id", "subscription_created_at"),
+    sa.UniqueConstraint(
+        "subscription_id", "event_key", "subscription_created_at", name="uq_tracking_events_event"
+    ),
+    postgresql_partition_by="RANGE (subscription_created_at)",
 )
 sa.Index(
     "ix_tracking_events_timeline",
@@ -257,11 +274,8 @@ status_changes = sa.Table(
     sa.Column(
         "learned_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
-    sa.Column(
-        "delivery_id",
-        sa.BigInteger,
-        sa.ForeignKey("webhook_deliveries.id", ondelete="SET NULL"),
-    ),
+    # No foreign key: deliveries are kept shorter than the history they made.
+    sa.Column("delivery_id", sa.BigInteger),
 )
 sa.Index("ix_status_changes_subscription", status_changes.c.subscription_id, status_changes.c.id)
 
