@@ -425,13 +425,22 @@ async def api_headers(database_url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {issued.plaintext}"}
 
 
-async def start_api(procs: Processes, env: Mapping[str, str]) -> str:
+async def start_api(procs: Processes, env: Mapping[str, str], name: str = "api") -> str:
     """`python -m service api` on a free loopback port; its base URL once /healthz answers."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     api_env = {**env, "HOST": LOOPBACK, "PORT": str(port)}
-    await procs.service("api", "api", api_env, answers(f"{url}/healthz"))
+    await procs.service(name, "api", api_env, answers(f"{url}/healthz"))
     return url
+
+
+def with_children(pid: int) -> list[int]:
+    """A process and its children (the workers of `API_WORKERS`)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(int(child) for child in children)]
 
 
 # -- the machine ------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from bench.infra import (
     cpu_snapshot,
     free_port,
     start_api,
+    with_children,
 )
 from bench.report import Check, Report, number
 from bench.suite import Bench
@@ -51,16 +52,20 @@ from service.db.engine import asyncpg_dsn
 
 SCENARIOS = ("realistic", "hot")
 
-SERVERS = ("a", "b", "full")
+SERVERS = ("a", "b", "full", "full2")
+RECEIVERS = ("full", "full2")
 SERVER_TITLES = {
     "a": "(a) bare aiohttp, 204",
     "b": "(b) aiohttp + 1 asyncpg INSERT",
-    "full": "full receiver",
+    "full": "full receiver, 1 process",
+    "full2": "full receiver, API_WORKERS=2",
 }
-EXPECTED_STATUS = {"a": "204", "b": "204", "full": "200"}
+EXPECTED_STATUS = {"a": "204", "b": "204", "full": "200", "full2": "200"}
 
-PACKAGE_PREFIX = "1ZBENCH"
-HOT_PACKAGE = "1ZHOT00000001"
+# Each receiver gets packages of its own: what one stored must not make the other's duplicates.
+PACKAGE_PREFIX = {"a": "1ZBENCH", "b": "1ZBENCH", "full": "1ZBENCH", "full2": "1ZBENCW"}
+HOT_PACKAGE = {"a": "1ZHOT00000001", "b": "1ZHOT00000001", "full": "1ZHOT00000001"}
+HOT_PACKAGE["full2"] = "1ZHOT00000002"
 WARMUP_PREFIX = "1ZWARM"
 
 RATIO_TO_B_TARGET = 1.0
@@ -135,7 +140,8 @@ async def run(bench: Bench, report: Report) -> None:
     ):
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            await _subscribe(conn, plan.packages)
+            for key in RECEIVERS:
+                await _subscribe(conn, plan.packages, PACKAGE_PREFIX[key], HOT_PACKAGE[key])
             generator, generator_process = await _start_loadgen(procs)
             servers = await _start_servers(procs, database_url, generator.url, plan)
             rates: dict[str, float] = {}
@@ -147,7 +153,7 @@ async def run(bench: Bench, report: Report) -> None:
             await conn.close()
 
 
-async def _subscribe(conn: asyncpg.Connection, packages: int) -> None:
+async def _subscribe(conn: asyncpg.Connection, packages: int, prefix: str, hot: str) -> None:
     """`packages` active subscriptions (and the hot one) in one statement, then ANALYZE."""
     await conn.execute(
         """
@@ -156,9 +162,9 @@ async def _subscribe(conn: asyncpg.Connection, packages: int) -> None:
         FROM generate_series(0, $2::int - 1) AS g
         UNION ALL SELECT 'ups', $3, 'active', NULL::timestamptz
         """,
-        PACKAGE_PREFIX,
+        prefix,
         packages,
-        HOT_PACKAGE,
+        hot,
     )
     await conn.execute("ANALYZE subscriptions")
 
@@ -189,9 +195,10 @@ async def _start_servers(
         "SHIPENGINE_BASE_URL": generator_url,
         "SHIPENGINE_JWKS_URL": f"{generator_url}/jwks",
     }
-    url = await start_api(procs, env)
-    api = next(p for p in procs.started if p.name == "api")
-    servers["full"] = Server("full", url, api)
+    for key, workers in (("full", "1"), ("full2", "2")):
+        url = await start_api(procs, {**env, "API_WORKERS": workers}, name=f"api-{key}")
+        api = next(p for p in procs.started if p.name == f"api-{key}")
+        servers[key] = Server(key, url, api)
     return servers
 
 
@@ -206,24 +213,8 @@ async def _measure(
     load: str,
     rates: dict[str, float],
 ) -> None:
-    if load == "realistic":
-        spec: dict[str, Any] = {
-            "load": load,
-            "kind": "realistic",
-            "prefix": PACKAGE_PREFIX,
-            "packages": plan.packages,
-            "deliveries": plan.realistic_deliveries,
-            "repeat_share": plan.repeat_share,
-        }
-    else:
-        spec = {"load": load, "kind": "hot", "package": HOT_PACKAGE, "requests": plan.hot_requests}
-    # Signed now: every signature must still be fresh when the full receiver gets it.
-    facts = await generator.call("/prepare", spec)
-    print(
-        f"{load}: {facts['requests']:,} requests prepared ({facts['unique']:,} distinct)"
-        + (f", signed in {facts['sign_s']:.1f} s" if "sign_s" in facts else ""),
-        flush=True,
-    )
+    # Signed now: every signature must still be fresh when the receivers get them.
+    facts = {key: await _prepare(generator, plan, load, key) for key in RECEIVERS}
     results: dict[str, dict[str, Any]] = {}
     for key in SERVERS:
         server = servers[key]
@@ -235,7 +226,7 @@ async def _measure(
         }
         await generator.call("/warmup", warm)
         groups = {
-            "server": [server.process.pid],
+            "server": with_children(server.process.pid),
             "loadgen": [p.pid for p in procs.started if p.name == "loadgen"],
             "postgres": await _backend_pids(conn),
             "bench": [os.getpid()],
@@ -246,10 +237,10 @@ async def _measure(
             profile_to = bench.log_dir / f"ingest-{load}-api.pyspy.txt"
             profiler = await profiling.record(procs, server.process, plan.profile_s, profile_to)
         run_spec = {
-            "load": load,
+            "load": _list_name(load, key),
             "url": server.url,
             "concurrency": plan.concurrency,
-            "min_s": 0.0 if key == "full" else plan.baseline_min_s,
+            "min_s": 0.0 if key in RECEIVERS else plan.baseline_min_s,
         }
         result = await generator.call("/run", run_spec)
         result["cpu_cores"] = cpu_cores(before, cpu_snapshot(groups))
@@ -266,11 +257,43 @@ async def _measure(
             )
         results[key] = result
         _row(report, load, key, result, results)
-    database = await _check_database(conn, load, facts, plan)
-    rates[load] = results["full"]["per_s"]
-    report.scenarios[f"{load}/full"]["database"] = database
-    report.scenarios[f"{load}/full"]["load"] = facts
-    _checks(report, load, results, database, rates)
+    for key in RECEIVERS:
+        database = await _check_database(conn, load, key, facts[key])
+        rates[f"{load}/{key}"] = results[key]["per_s"]
+        report.scenarios[f"{load}/{key}"]["database"] = database
+        report.scenarios[f"{load}/{key}"]["load"] = facts[key]
+        _checks(report, load, key, results, database, rates)
+
+
+def _list_name(load: str, key: str) -> str:
+    """The prepared list a server gets: the baselines get the 1-process receiver's bytes."""
+    return f"{load}/full2" if key == "full2" else load
+
+
+async def _prepare(generator: LoadGenerator, plan: Plan, load: str, key: str) -> dict[str, Any]:
+    if load == "realistic":
+        spec: dict[str, Any] = {
+            "load": _list_name(load, key),
+            "kind": "realistic",
+            "prefix": PACKAGE_PREFIX[key],
+            "packages": plan.packages,
+            "deliveries": plan.realistic_deliveries,
+            "repeat_share": plan.repeat_share,
+        }
+    else:
+        spec = {
+            "load": _list_name(load, key),
+            "kind": "hot",
+            "package": HOT_PACKAGE[key],
+            "requests": plan.hot_requests,
+        }
+    facts = await generator.call("/prepare", spec)
+    print(
+        f"{spec['load']}: {facts['requests']:,} requests prepared ({facts['unique']:,} distinct)"
+        + (f", signed in {facts['sign_s']:.1f} s" if "sign_s" in facts else ""),
+        flush=True,
+    )
+    return facts
 
 
 def _row(
@@ -318,10 +341,10 @@ async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
 
 
 async def _check_database(
-    conn: asyncpg.Connection, load: str, facts: dict[str, Any], plan: Plan
+    conn: asyncpg.Connection, load: str, key: str, facts: dict[str, Any]
 ) -> dict[str, Any]:
-    """What the receiver kept of this load's deliveries, and whether that is right."""
-    pattern = f"{PACKAGE_PREFIX}%" if load == "realistic" else HOT_PACKAGE
+    """What a receiver kept of this load's deliveries, and whether that is right."""
+    pattern = f"{PACKAGE_PREFIX[key]}%" if load == "realistic" else HOT_PACKAGE[key]
     rows = await conn.fetch(
         """
         SELECT outcome, count(*) AS n, count(DISTINCT body_sha256) AS bodies
@@ -365,17 +388,19 @@ async def _check_database(
 def _checks(
     report: Report,
     load: str,
+    key: str,
     results: dict[str, dict[str, Any]],
     database: dict[str, Any],
     rates: dict[str, float],
 ) -> None:
-    full, b = results["full"], results["b"]
+    full, b = results[key], results["b"]
+    who = "full" if key == "full" else "full, API_WORKERS=2"
     ratio_b = full["per_s"] / b["per_s"]
     p99 = full["latency_ms"]["p99"]
     if load == "realistic":
         report.check(
             Check(
-                "realistic: deliveries/s, full vs (b)",
+                f"realistic: deliveries/s, {who} vs (b)",
                 f">= {RATIO_TO_B_TARGET:.1f} x (b)",
                 f"{number(full['per_s'])}/s vs {number(b['per_s'])}/s",
                 ratio_b / RATIO_TO_B_TARGET,
@@ -384,12 +409,12 @@ def _checks(
             )
         )
     else:
-        realistic = rates.get("realistic", math.nan)
+        realistic = rates.get(f"realistic/{key}", math.nan)
         floor = HOT_SHARE_OF_REALISTIC * realistic
         report.check(
             Check(
-                "hot: deliveries/s, not collapsing (vs b)",
-                f">= {HOT_SHARE_OF_REALISTIC} x realistic full"
+                f"hot: deliveries/s, {who}, not collapsing (vs b)",
+                f">= {HOT_SHARE_OF_REALISTIC} x realistic"
                 + (f" ({number(floor)}/s)" if not math.isnan(floor) else ""),
                 f"{number(full['per_s'])}/s",
                 full["per_s"] / floor if floor else math.nan,
@@ -399,7 +424,7 @@ def _checks(
         )
     report.check(
         Check(
-            f"{load}: p99 latency, full, {full['concurrency']} senders",
+            f"{load}: p99 latency, {who}, {full['concurrency']} senders",
             f"< {P99_TARGET_MS:.0f} ms",
             f"{p99:.1f} ms (p50 {full['latency_ms']['p50']:.1f})",
             p99 / P99_TARGET_MS,
@@ -408,14 +433,15 @@ def _checks(
         )
     )
     wrong = {
-        key: {s: n for s, n in result["statuses"].items() if s != EXPECTED_STATUS[key]}
-        for key, result in results.items()
+        server: {s: n for s, n in result["statuses"].items() if s != EXPECTED_STATUS[server]}
+        for server, result in results.items()
+        if server in (key, "a", "b")
     }
-    wrong = {key: statuses for key, statuses in wrong.items() if statuses}
+    wrong = {server: statuses for server, statuses in wrong.items() if statuses}
     problems = database["problems"]
     report.check(
         Check(
-            f"{load}: answers 200 (204 baselines); stored once, repeats `duplicate`",
+            f"{load}: {who} answers 200 (baselines 204); stored once, repeats `duplicate`",
             "all",
             "all" if not wrong and not problems else f"{wrong} {'; '.join(problems)}".strip(),
             None,
@@ -437,14 +463,19 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _rss_check(report: Report, servers: dict[str, Server]) -> None:
-    peaks = {key: _peak_rss_mb(server.process.pid) for key, server in servers.items()}
+    """The largest process of each server: with API_WORKERS each worker is an API process."""
+    peaks = {
+        key: max(_peak_rss_mb(pid) for pid in with_children(server.process.pid))
+        for key, server in servers.items()
+    }
     report.options["peak_rss_mb"] = peaks
     api = peaks["full"]
     report.check(
         Check(
             "API peak RSS (VmHWM) over the ingest loads",
             f"< {RSS_TARGET_MB:.0f} MB",
-            f"{api:.0f} MB (a {peaks['a']:.0f}, b {peaks['b']:.0f})",
+            f"{api:.0f} MB (a {peaks['a']:.0f}, b {peaks['b']:.0f}, "
+            f"each of 2 workers {peaks['full2']:.0f})",
             api / RSS_TARGET_MB,
             api / peaks["b"],
             None if math.isnan(api) else api < RSS_TARGET_MB,
@@ -459,10 +490,14 @@ STAGES = {
     "_payload (": "JSON parsing of the body",
     "parse_track_payload (": "parse_track_payload",
     "content_digest (": "content_digest",
-    "store_and_file (": "store_and_file (all SQL of a delivery)",
-    "_add_events (": "_add_events (event INSERT ... ON CONFLICT)",
-    "_update_status (": "_update_status",
-    "_lock_subscription (": "_lock_subscription (SELECT ... FOR UPDATE)",
+    "DeliveryBatcher._commit (": "a batch's transaction, all of it",
+    "store_and_file (": "store_and_file (all SQL of a batch)",
+    "_insert_originals (": "_insert_originals (INSERT ... ON CONFLICT DO NOTHING)",
+    "_lock_live (": "_lock_live (SELECT ... FOR UPDATE)",
+    "_insert_events (": "_insert_events",
+    "_update_statuses (": "_update_statuses",
+    "_insert_copies (": "_insert_copies",
+    "file_update (": "file_update (the status fold)",
     "(sqlalchemy/sql/": "SQLAlchemy Core: building, caching, compiling",
     "_async_ping (": "pool pre-ping",
     "(structlog/": "structlog",

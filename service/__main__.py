@@ -20,13 +20,23 @@ def _api() -> None:
     from service.api.app import create_app
 
     settings = _settings()
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        loop=uvloop.new_event_loop(),
-    )
+
+    def serve(reuse_port: bool = False) -> None:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            loop=uvloop.new_event_loop(),
+            reuse_port=reuse_port,
+        )
+
+    if settings.api_workers == 1:
+        serve()
+        return
+    from service.workers import supervise
+
+    raise SystemExit(supervise(settings.api_workers, lambda: serve(reuse_port=True)))
 
 
 def _dispatcher() -> None:

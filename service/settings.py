@@ -33,6 +33,8 @@ class Settings:
     """HOST: address the HTTP API listens on."""
     port: int = 8080
     """PORT: port the HTTP API listens on."""
+    api_workers: int = 1
+    """API_WORKERS: API processes sharing the port (SO_REUSEPORT); one per core to use them all."""
     shipengine_api_key: str | None = None
     """SHIPENGINE_API_KEY: ShipEngine API key; the dispatcher needs it, the API does not."""
     shipengine_base_url: str = SHIPENGINE_PRODUCTION_URL
@@ -135,6 +137,7 @@ class Settings:
             database_url=read.required("DATABASE_URL", postgres_url),
             host=optional("HOST", text, cls.host),
             port=optional("PORT", port_number, cls.port),
+            api_workers=optional("API_WORKERS", positive_int, cls.api_workers),
             shipengine_api_key=optional("SHIPENGINE_API_KEY", text, None),
             shipengine_base_url=optional("SHIPENGINE_BASE_URL", http_url, cls.shipengine_base_url),
             shipengine_jwks_url=optional("SHIPENGINE_JWKS_URL", http_url, ""),
