@@ -27,6 +27,7 @@ from service.webhooks.signatures import KeySet, SignatureVerifier
 log = structlog.get_logger(__name__)
 
 PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
+PARTITION_MAINTENANCE_START_S = 10.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -69,8 +70,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _partition_maintenance(app: web.Application) -> AsyncIterator[None]:
     """Partitions are created ahead and dropped past retention: once before the app serves
-    (so a new database is ready at once), then every PARTITION_MAINTENANCE_INTERVAL_S."""
-    await _maintain_partitions(app)
+    (so a new database is ready at once), then every PARTITION_MAINTENANCE_INTERVAL_S. An
+    unreachable database delays the start by at most PARTITION_MAINTENANCE_START_S."""
+    try:
+        async with asyncio.timeout(PARTITION_MAINTENANCE_START_S):
+            await _maintain_partitions(app)
+    except TimeoutError:
+        log.warning("partitions.maintenance_deferred", timeout_s=PARTITION_MAINTENANCE_START_S)
     task = asyncio.create_task(_maintain_partitions_forever(app))
     yield
     task.cancel()
