@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Required
 
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
+from typing_extensions import TypedDict  # pydantic needs it rather than typing's before 3.12
 
 from service.api.auth import CLIENT, requires
 from service.api.body import read_json
@@ -22,6 +23,7 @@ from service.api.schemas import (
     ListQuery,
     StatusChangeList,
     SubscriptionIn,
+    SubscriptionOut,
     decode_cursor,
     encode_cursor,
     parse_body,
@@ -70,8 +72,21 @@ async def subscribe_many(request: web.Request) -> web.Response:
     created = await _create(request, [new for _, new in valid]) if valid else []
     for (index, _), (row, is_new) in zip(valid, created, strict=True):
         status = 202 if is_new else 200
-        results[index] = {"index": index, "status": status, "subscription": subscription_json(row)}
-    return web.json_response({"results": results})
+        results[index] = {"index": index, "status": status, "subscription": dict(row)}
+    # Serialised as subscription_json does, but a thousand at once in pydantic's core: one
+    # model_validate and model_dump per row cost a third of the API's time in a batch.
+    body = _BATCH_ANSWER.dump_json(_BATCH_ANSWER.validate_python({"results": results}))
+    return web.Response(body=body, content_type="application/json")
+
+
+class _BatchItem(TypedDict, total=False):
+    index: Required[int]
+    status: Required[int]
+    subscription: SubscriptionOut  # 200 and 202
+    errors: list[dict[str, Any]]  # 422
+
+
+_BATCH_ANSWER = TypeAdapter(dict[str, list[_BatchItem]])
 
 
 async def _create(
