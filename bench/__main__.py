@@ -1,5 +1,7 @@
 """`python -m bench [SUITE ...] [--quick] [--only SCENARIO ...] [--profile] [--keep-logs]`.
 
+Suites: dispatch, ingest, subscribe (POST /v1/subscriptions and /batch against one asyncpg
+INSERT a request) and queries (lists, events and the ops summary at 1,000,000 subscriptions).
 Starts what it needs (PostgreSQL, simulator, API, dispatchers), runs the suites' scenarios,
 prints a row per scenario and a table of targets, writes JSON under bench/results/, and stops
 everything it started, also on failure, Ctrl-C, SIGTERM or when `--timeout-s` runs out.
@@ -20,12 +22,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import dispatch, ingest
+from bench import dispatch, ingest, queries, subscribe
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
 
-SUITES: dict[str, ModuleType] = {"dispatch": dispatch, "ingest": ingest}
+SUITES: dict[str, ModuleType] = {
+    "dispatch": dispatch,
+    "ingest": ingest,
+    "subscribe": subscribe,
+    "queries": queries,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", default=[], choices=scenarios, help="run only these scenarios"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy the dispatcher of the 1-process run"
+        "--profile",
+        action="store_true",
+        help="py-spy the service under load (dispatch t1, ingest realistic, subscribe sub and "
+        "bulk, queries reads) and print where its time goes",
     )
     parser.add_argument(
         "--concurrency",
