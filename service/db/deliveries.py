@@ -64,12 +64,14 @@ class FiledDelivery:
 
 @dataclasses.dataclass(frozen=True)
 class Stored:
-    """A stored delivery to file. `outcome` is what its row says now; None leaves the row as
-    it is (a duplicate replayed files its content but stays a duplicate)."""
+    """A stored delivery to file, with what its row says now: its outcome and subscription.
+    An `outcome` of None leaves the row as it is (a duplicate replayed files its content but
+    stays a duplicate)."""
 
     delivery_id: int
     update: TrackingUpdate
     outcome: str | None
+    subscription_id: uuid.UUID | None = None
 
 
 async def store_and_file(
@@ -92,7 +94,7 @@ async def store_and_file(
     ]
     pairs = list(zip(incoming, is_original, strict=True))
     to_file = [
-        Stored(originals[item.content_sha256], item.update, "orphan")
+        _as_stored(originals[item.content_sha256], item.update)
         for item, original in pairs
         if original
     ]
@@ -100,6 +102,10 @@ async def store_and_file(
     # After filing: a copy of an original of this batch is filed against what it was.
     copies = iter(await _insert_copies(conn, [item for item, original in pairs if not original]))
     return [next(filed) if original else next(copies) for original in is_original]
+
+
+def _as_stored(row: Row[Any], update: TrackingUpdate) -> Stored:
+    return Stored(row.id, update, row.outcome, row.subscription_id)
 
 
 async def file_stored(
@@ -138,7 +144,10 @@ async def file_stored(
                     "delivery_id": delivery.delivery_id,
                 }
             )
-        if delivery.outcome is not None:
+        if delivery.outcome is not None and (delivery.outcome, delivery.subscription_id) != (
+            "filed",
+            subscription.id,
+        ):
             marks.append((delivery.delivery_id, "filed", subscription.id))
         results.append(
             FiledDelivery(
@@ -187,12 +196,15 @@ def _package_status(subscription: Row[Any]) -> PackageStatus:
     )
 
 
-async def _insert_originals(conn: AsyncConnection, incoming: list[Incoming]) -> dict[bytes, int]:
-    """Store each as the original of its content unless one is stored already: content -> id."""
+async def _insert_originals(
+    conn: AsyncConnection, incoming: list[Incoming]
+) -> dict[bytes, Row[Any]]:
+    """Store each as the original of its content unless one is stored already: by content,
+    the rows stored (id, outcome, subscription_id)."""
     if not incoming:
         return {}
     rows = await conn.execute(_INSERT_ORIGINALS, _delivery_arrays(incoming))
-    return {row.content_sha256: row.id for row in rows}
+    return {row.content_sha256: row for row in rows}
 
 
 async def _insert_copies(conn: AsyncConnection, incoming: list[Incoming]) -> list[FiledDelivery]:
@@ -405,7 +417,10 @@ async def replay(
     rows = (
         await conn.execute(
             sa.select(
-                webhook_deliveries.c.id, webhook_deliveries.c.body, webhook_deliveries.c.outcome
+                webhook_deliveries.c.id,
+                webhook_deliveries.c.body,
+                webhook_deliveries.c.outcome,
+                webhook_deliveries.c.subscription_id,
             )
             .where(
                 webhook_deliveries.c.id.in_(delivery_ids),
@@ -415,7 +430,12 @@ async def replay(
         )
     ).all()
     stored = [
-        Stored(row.id, _reparse(row.body), None if row.outcome == "duplicate" else row.outcome)
+        Stored(
+            row.id,
+            _reparse(row.body),
+            None if row.outcome == "duplicate" else row.outcome,
+            row.subscription_id,
+        )
         for row in rows
     ]
     return await file_stored(conn, stored, rearm)
@@ -449,14 +469,24 @@ _DELIVERY_VALUES = (
 )
 
 # One original per content (within the week: the index must hold the partition key): the
-# partial unique index, named by its predicate as ON CONFLICT requires. Stored as orphans;
-# filing marks those it files.
+# partial unique index, named by its predicate as ON CONFLICT requires. Each is stored filed
+# against the live subscription its package has now (read, not locked: repeats must not wait
+# on a row lock), or as an orphan; filing corrects the rare row whose subscription changed
+# before it was locked, so the common row is written once and never updated.
 _INSERT_ORIGINALS = sa.text(
     f"""
-    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS})
-    SELECT {_DELIVERY_VALUES}, 'orphan' FROM {_DELIVERY_ROWS} ORDER BY v.ord
+    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
+    SELECT {_DELIVERY_VALUES}, CASE WHEN live.id IS NULL THEN 'orphan' ELSE 'filed' END, live.id
+    FROM {_DELIVERY_ROWS}
+    LEFT JOIN LATERAL (
+        SELECT s.id FROM subscriptions AS s
+        WHERE s.tracking_number = v.tracking_number AND s.state <> 'stopped'
+          AND (v.carrier_code IS NULL OR s.carrier_code = v.carrier_code)
+        ORDER BY s.created_at DESC LIMIT 1
+    ) AS live ON true
+    ORDER BY v.ord
     ON CONFLICT (content_sha256, received_week) WHERE outcome IN ('filed', 'orphan') DO NOTHING
-    RETURNING id, content_sha256
+    RETURNING id, content_sha256, outcome, subscription_id
     """
 )
 
