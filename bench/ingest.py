@@ -79,7 +79,7 @@ NOISY_CORES = 0.3
 class Plan:
     concurrency: int = 64
     packages: int = 10_000
-    realistic_deliveries: int = 20_000
+    realistic_deliveries: int = 12_000
     repeat_share: float = 0.10
     hot_requests: int = 4_000
     warmup_requests: int = 256
@@ -490,7 +490,7 @@ STAGES = {
     "_payload (": "JSON parsing of the body",
     "parse_track_payload (": "parse_track_payload",
     "content_digest (": "content_digest",
-    "DeliveryBatcher._commit (": "a batch's transaction, all of it",
+    "GroupCommit._commit (": "a group commit, all of it",
     "store_and_file (": "store_and_file (all SQL of a batch)",
     "_insert_originals (": "_insert_originals (INSERT ... ON CONFLICT DO NOTHING)",
     "_lock_live (": "_lock_live (SELECT ... FOR UPDATE)",

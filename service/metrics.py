@@ -81,9 +81,10 @@ class Metrics:
             "Deliveries whose older state was not allowed to move a status back.",
             registry=registry,
         )
-        self.webhook_batch_size = Histogram(
-            "tracking_webhook_batch_size",
-            "Deliveries committed together in one transaction (group commit).",
+        self.group_commit_size = Histogram(
+            "tracking_group_commit_size",
+            "Requests committed together in one transaction, by path (webhook, subscribe).",
+            ["path"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=registry,
         )

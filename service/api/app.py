@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 import structlog
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.api import health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
-from service.api.keys import BATCHER, ENGINE, METRICS, READ_ENGINE, SETTINGS, VERIFIER
+from service.api.keys import (
+    DELIVERY_COMMITS,
+    ENGINE,
+    METRICS,
+    READ_ENGINE,
+    SETTINGS,
+    SUBSCRIBE_COMMITS,
+    VERIFIER,
+)
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
 from service.db import partitions
+from service.db import subscriptions as queries
+from service.db.deliveries import FiledDelivery, Incoming, store_and_file
 from service.db.engine import engine_from
+from service.db.group_commit import GroupCommit
+from service.db.subscriptions import NewSubscription, Subscribed
 from service.metrics import Metrics
 from service.settings import Settings
 from service.webhooks import receiver, replay
-from service.webhooks.batching import DeliveryBatcher
 from service.webhooks.signatures import KeySet, SignatureVerifier
 
 log = structlog.get_logger(__name__)
@@ -43,7 +55,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_cleanup.append(stop_recounting)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
-    app.cleanup_ctx.append(_delivery_batcher)
+    app.cleanup_ctx.append(_group_commits)
     app.cleanup_ctx.append(_partition_maintenance)
     app.add_routes(health.routes)
     app.add_routes(subscriptions.routes)
@@ -108,13 +120,23 @@ async def _maintain_partitions(app: web.Application) -> None:
         log.info("partitions.maintained", **done.as_json())
 
 
-async def _delivery_batcher(app: web.Application) -> AsyncIterator[None]:
+async def _group_commits(app: web.Application) -> AsyncIterator[None]:
     """Closed before the engine, so what is queued is committed first."""
-    batcher = DeliveryBatcher(app[ENGINE], app[SETTINGS].rearm_policy, app[METRICS])
-    batcher.start()
-    app[BATCHER] = batcher
+    engine, rearm, sizes = app[ENGINE], app[SETTINGS].rearm_policy, app[METRICS].group_commit_size
+
+    async def file(conn: AsyncConnection, items: Sequence[Incoming]) -> list[FiledDelivery]:
+        return await store_and_file(conn, items, rearm)
+
+    async def create(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[Subscribed]:
+        return await queries.subscribe(conn, news, rearm)
+
+    deliveries = GroupCommit(engine, file, sizes.labels("webhook").observe)
+    subscribes = GroupCommit(engine, create, sizes.labels("subscribe").observe)
+    app[DELIVERY_COMMITS], app[SUBSCRIBE_COMMITS] = deliveries, subscribes
+    for group_commit in (deliveries, subscribes):
+        group_commit.start()
     yield
-    await batcher.close()
+    await asyncio.gather(deliveries.close(), subscribes.close())
 
 
 async def _webhook_keys(app: web.Application) -> AsyncIterator[None]:

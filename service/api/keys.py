@@ -3,9 +3,11 @@
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.db.deliveries import FiledDelivery, Incoming
+from service.db.group_commit import GroupCommit
+from service.db.subscriptions import NewSubscription, Subscribed
 from service.metrics import Metrics
 from service.settings import Settings
-from service.webhooks.batching import DeliveryBatcher
 from service.webhooks.signatures import SignatureVerifier
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -14,4 +16,6 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 READ_ENGINE = web.AppKey("read_engine", AsyncEngine)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", SignatureVerifier)
-BATCHER = web.AppKey("batcher", DeliveryBatcher)
+# Group commit of webhook deliveries, and of single subscribes.
+DELIVERY_COMMITS: web.AppKey[GroupCommit[Incoming, FiledDelivery]] = web.AppKey("deliveries")
+SUBSCRIBE_COMMITS: web.AppKey[GroupCommit[NewSubscription, Subscribed]] = web.AppKey("subscribes")

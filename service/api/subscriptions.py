@@ -15,7 +15,7 @@ from typing_extensions import TypedDict  # pydantic needs it rather than typing'
 from service.api.auth import CLIENT, requires
 from service.api.body import read_json
 from service.api.errors import ApiError, Conflict, ErrorDetail, NotFound
-from service.api.keys import ENGINE, READ_ENGINE, SETTINGS
+from service.api.keys import ENGINE, READ_ENGINE, SETTINGS, SUBSCRIBE_COMMITS
 from service.api.schemas import (
     AttemptList,
     BatchIn,
@@ -31,8 +31,7 @@ from service.api.schemas import (
     subscription_json,
 )
 from service.db import subscriptions as queries
-from service.db.deliveries import adopt_orphans
-from service.db.subscriptions import NewSubscription
+from service.db.subscriptions import NewSubscription, Subscribed
 from service.domain.access import Scope
 
 routes = web.RouteTableDef()
@@ -46,7 +45,7 @@ READERS = (Scope.READ, Scope.WRITE, Scope.OPS)
 async def subscribe(request: web.Request) -> web.Response:
     """202 with a new subscription; 200 with the live one when the package is tracked already."""
     new = parse_body(SubscriptionIn, await read_json(request)).to_domain(request[CLIENT])
-    ((row, created),) = await _create(request, [new])
+    row, created = await request.app[SUBSCRIBE_COMMITS].submit(new)
     return web.json_response(subscription_json(row), status=202 if created else 200)
 
 
@@ -89,24 +88,9 @@ class _BatchItem(TypedDict, total=False):
 _BATCH_ANSWER = TypeAdapter(dict[str, list[_BatchItem]])
 
 
-async def _create(
-    request: web.Request, news: list[NewSubscription]
-) -> list[tuple[RowMapping, bool]]:
+async def _create(request: web.Request, news: list[NewSubscription]) -> list[Subscribed]:
     async with request.app[ENGINE].begin() as conn:
-        made = await queries.create_subscriptions(conn, news)
-        # Deliveries that came before their subscription are filed now, in the same
-        # transaction: a subscription is never seen without the history already known.
-        fresh = [(row["carrier_code"], row["tracking_number"]) for row, new in made if new]
-        rearm = request.app[SETTINGS].rearm_policy
-        adopted = await adopt_orphans(conn, fresh, rearm) if fresh else set()
-        if adopted:
-            made = [
-                (await queries.get_subscription(conn, row["id"]) or row, new)
-                if (row["carrier_code"], row["tracking_number"]) in adopted
-                else (row, new)
-                for row, new in made
-            ]
-    return made
+        return await queries.subscribe(conn, news, request.app[SETTINGS].rearm_policy)
 
 
 @routes.get("/v1/subscriptions")

@@ -13,8 +13,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.db.deliveries import adopt_orphans
 from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
+from service.domain.tracking import RearmPolicy
 
 LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
 # The same predicate as SQL text: ON CONFLICT must name the partial index's predicate with
@@ -66,6 +68,27 @@ async def create_subscription(
     """
     ((row, created),) = await create_subscriptions(conn, [new])
     return row, created
+
+
+Subscribed = tuple[RowMapping, bool]  # the subscription, and whether this call created it
+
+
+async def subscribe(
+    conn: AsyncConnection, news: Sequence[NewSubscription], rearm: RearmPolicy
+) -> list[Subscribed]:
+    """`create_subscriptions`, and the deliveries that came before them filed now, in the same
+    transaction: a subscription is never seen without the history already known."""
+    made = await create_subscriptions(conn, news)
+    fresh = [(row["carrier_code"], row["tracking_number"]) for row, new in made if new]
+    adopted = await adopt_orphans(conn, fresh, rearm) if fresh else set()
+    if not adopted:
+        return made
+    return [
+        (await get_subscription(conn, row["id"]) or row, new)
+        if (row["carrier_code"], row["tracking_number"]) in adopted
+        else (row, new)
+        for row, new in made
+    ]
 
 
 async def create_subscriptions(

@@ -1,9 +1,9 @@
 """POST /v1/webhooks/shipengine: ShipEngine's `track` deliveries.
 
 A delivery is answered 2xx only after its raw bytes, headers and verification are committed
-together with what it filed (deliveries that arrive together share a commit: `batching`); if
-anything fails first, ShipEngine gets an error and delivers it again. Refusals are answered at
-once and kept (with a capped body) so ops can see them:
+together with what it filed (deliveries that arrive together share a commit:
+`db/group_commit.py`); if anything fails first, ShipEngine gets an error and delivers it again.
+Refusals are answered at once and kept (with a capped body) so ops can see them:
 
 | what | answer |
 |---|---|
@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from service.api.errors import ApiError, ErrorDetail
-from service.api.keys import BATCHER, ENGINE, METRICS, SETTINGS, VERIFIER
+from service.api.keys import DELIVERY_COMMITS, ENGINE, METRICS, SETTINGS, VERIFIER
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
 from service.domain.tracking import content_digest, parse_track_payload
 from service.webhooks.signatures import Refusal, secret_matches
@@ -78,7 +78,7 @@ async def receive_track(request: web.Request) -> web.Response:
         content_sha256=content_digest(payload, update),
         verification=verification,
     )
-    filed = await request.app[BATCHER].file(incoming)
+    filed = await request.app[DELIVERY_COMMITS].submit(incoming)
     _observe(request, filed, update.status_code)
     log.info(
         "webhook.delivery",

@@ -1,24 +1,27 @@
-"""Group commit: deliveries that arrive together are committed together, each answered as if
-it had come alone, and a delivery that cannot be stored fails alone."""
+"""Group commit: deliveries (and subscribes) that arrive together are committed together,
+each answered as if it had come alone, and one that cannot be stored fails alone."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db.deliveries import FiledDelivery, Incoming
-from service.db.subscriptions import NewSubscription, create_subscription
+from service.db import subscriptions as queries
+from service.db.deliveries import FiledDelivery, Incoming, store_and_file
+from service.db.group_commit import GroupCommit
+from service.db.subscriptions import NewSubscription, Subscribed, create_subscription
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
-from service.metrics import Metrics
-from service.webhooks.batching import DeliveryBatcher
 from tests.payloads import track_body
 
 REARM = RearmPolicy(max_rearms=1, delay_s=60)
+T = TypeVar("T")
 
 
 def incoming(number: str, step: int) -> Incoming:
@@ -39,21 +42,24 @@ async def subscribe(engine: AsyncEngine, *numbers: str) -> None:
             await create_subscription(conn, NewSubscription("ups", number))
 
 
-async def queued(
-    batcher: DeliveryBatcher, deliveries: list[Incoming]
-) -> list[asyncio.Task[FiledDelivery]]:
-    """The deliveries waiting in the batcher's queue, before any writer runs."""
-    tasks = [asyncio.create_task(batcher.file(item)) for item in deliveries]
+class Deliveries(GroupCommit[Incoming, FiledDelivery]):
+    """The receiver's group commit, counting the groups it commits."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.groups: list[int] = []
+        super().__init__(engine, self._file, self.groups.append)
+
+    @staticmethod
+    async def _file(conn: AsyncConnection, items: Sequence[Incoming]) -> list[FiledDelivery]:
+        return await store_and_file(conn, items, REARM)
+
+
+async def queued(group_commit: GroupCommit[T, Any], items: list[T]) -> list[asyncio.Task[Any]]:
+    """The items waiting in the queue, before any writer runs."""
+    tasks = [asyncio.create_task(group_commit.submit(item)) for item in items]
     await asyncio.sleep(0)  # one turn of the loop: each task queues in its first step
-    assert batcher.waiting == len(tasks)
+    assert group_commit.waiting == len(tasks)
     return tasks
-
-
-def batches(metrics: Metrics) -> tuple[float, float]:
-    """How many batches were committed, holding how many deliveries in all."""
-    count = metrics.registry.get_sample_value("tracking_webhook_batch_size_count")
-    total = metrics.registry.get_sample_value("tracking_webhook_batch_size_sum")
-    return count or 0.0, total or 0.0
 
 
 async def outcomes(engine: AsyncEngine) -> list[tuple[str, str]]:
@@ -68,15 +74,14 @@ async def test_deliveries_queued_together_share_one_commit_and_are_answered_each
     engine: AsyncEngine,
 ) -> None:
     await subscribe(engine, "1ZA", "1ZB")
-    metrics = Metrics()
-    batcher = DeliveryBatcher(engine, REARM, metrics)
+    batcher = Deliveries(engine)
     sent = [incoming("1ZA", 1), incoming("1ZB", 2), incoming("1ZA", 1), incoming("1ZC", 1)]
     tasks = await queued(batcher, sent)
     batcher.start()
     answers = await asyncio.gather(*tasks)
     await batcher.close()
 
-    assert batches(metrics) == (1.0, 4.0)
+    assert batcher.groups == [4]
     assert [a.outcome for a in answers] == ["filed", "filed", "duplicate", "orphan"]
     assert answers[2].subscription_id == answers[0].subscription_id
     assert [a.new_events for a in answers] == [1, 2, 0, 0]
@@ -90,7 +95,7 @@ async def test_deliveries_queued_together_share_one_commit_and_are_answered_each
 
 async def test_a_delivery_that_cannot_be_stored_fails_alone(engine: AsyncEngine) -> None:
     await subscribe(engine, "1ZA", "1ZB")
-    batcher = DeliveryBatcher(engine, REARM, Metrics())
+    batcher = Deliveries(engine)
     # PostgreSQL's jsonb refuses a NUL character: this one delivery cannot be stored.
     unstorable = dataclasses.replace(incoming("1ZB", 1), headers={"x-bad": "\u0000"})
     tasks = await queued(batcher, [incoming("1ZA", 1), unstorable, incoming("1ZA", 2)])
@@ -105,11 +110,29 @@ async def test_a_delivery_that_cannot_be_stored_fails_alone(engine: AsyncEngine)
 
 async def test_closing_commits_what_is_queued_first(engine: AsyncEngine) -> None:
     await subscribe(engine, "1ZA")
-    batcher = DeliveryBatcher(engine, REARM, Metrics())
+    batcher = Deliveries(engine)
     tasks = await queued(batcher, [incoming("1ZA", step) for step in (1, 2, 3)])
     batcher.start()
     await batcher.close()
 
     assert [task.result().outcome for task in tasks] == ["filed"] * 3
     with pytest.raises(RuntimeError):
-        await batcher.file(incoming("1ZA", 4))
+        await batcher.submit(incoming("1ZA", 4))
+
+
+async def test_subscribes_queued_together_share_one_commit(engine: AsyncEngine) -> None:
+    groups: list[int] = []
+
+    async def create(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[Subscribed]:
+        return await queries.subscribe(conn, news, REARM)
+
+    subscribes = GroupCommit(engine, create, groups.append)
+    news = [NewSubscription("ups", "1ZS1"), NewSubscription("ups", "1ZS2")]
+    tasks = await queued(subscribes, [*news, NewSubscription("ups", "1ZS1")])
+    subscribes.start()
+    answers = await asyncio.gather(*tasks)
+    await subscribes.close()
+
+    assert groups == [3]
+    assert [created for _, created in answers] == [True, True, False]
+    assert answers[2][0]["id"] == answers[0][0]["id"]
