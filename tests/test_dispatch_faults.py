@@ -225,7 +225,11 @@ async def test_the_dispatcher_rides_out_a_postgresql_restart(
 
     url = str(restartable_postgres.get_uri())
     await asyncio.to_thread(upgrade, url)
-    settings = dataclasses.replace(live_settings, database_url=url, dispatch_poll_interval_s=0.2)
+    # A record that gives up during the outage comes back when its lease ends: keep that
+    # within the wait below.
+    settings = dataclasses.replace(
+        live_settings, database_url=url, dispatch_poll_interval_s=0.2, dispatch_lease_s=15.0
+    )
     engine = create_engine(url, pool_size=5)
     shipengine.simulator.configure(latency_s=0.01)
 
@@ -250,7 +254,12 @@ async def test_the_dispatcher_rides_out_a_postgresql_restart(
                 await asyncio.sleep(1.5)  # the outage itself: what is under test is its length
                 await asyncio.to_thread(restartable_postgres.ensure_postgres_running)
                 await subscribe_many(engine, [f"NEW{n:02}" for n in range(10)])
-                await eventually(lambda: all_active(engine, 70), timeout_s=30)
+                try:
+                    await eventually(lambda: all_active(engine, 70), timeout_s=60)
+                except TimeoutError:
+                    for entry in logs[outage_started:]:  # what it did meanwhile, for the report
+                        print("dispatcher:", {k: v for k, v in entry.items() if k != "exc_info"})
+                    raise
                 assert not running.done()
                 dispatcher.stop()
                 await asyncio.wait_for(running, 10)
