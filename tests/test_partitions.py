@@ -155,6 +155,22 @@ async def test_a_copy_is_recognised_within_the_week(engine: AsyncEngine) -> None
         assert list(outcomes) == ["filed", "duplicate"]
 
 
+async def test_a_copy_is_filed_against_this_weeks_original_when_last_week_had_one_too(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as conn:
+        await create_subscription(conn, NewSubscription("ups", "1ZWEEKS"))
+        await deliver(conn, "1ZWEEKS")
+        await conn.execute(  # as if it had come last week
+            sa.text("UPDATE webhook_deliveries SET received_week = received_week - 7")
+        )
+    async with engine.begin() as conn:
+        await deliver(conn, "1ZWEEKS")  # filed again: dedup is within the week
+        await deliver(conn, "1ZWEEKS")
+        outcomes = await conn.scalars(sa.text("SELECT outcome FROM webhook_deliveries ORDER BY id"))
+        assert list(outcomes) == ["filed", "filed", "duplicate"]
+
+
 async def test_one_process_at_a_time_maintains(engine: AsyncEngine) -> None:
     async with engine.begin() as holder:
         await holder.execute(sa.text(f"SELECT pg_advisory_xact_lock({partitions.ADVISORY_KEY})"))

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.tables import webhook_deliveries
+from service.db.tables import RECEIVED_WEEK, webhook_deliveries
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import (
     PackageStatus,
@@ -490,13 +490,15 @@ _INSERT_ORIGINALS = sa.text(
     """
 )
 
-# A copy is filed against whatever its original was filed against.
+# A copy is filed against whatever its original was filed against: the original of this week,
+# the one its insert ran into (an earlier week may hold another).
 _INSERT_COPIES = sa.text(
     f"""
     INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
     SELECT {_DELIVERY_VALUES}, 'duplicate',
            (SELECT o.subscription_id FROM webhook_deliveries AS o
-            WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan'))
+            WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan')
+              AND o.received_week = {RECEIVED_WEEK})
     FROM {_DELIVERY_ROWS} ORDER BY v.ord
     RETURNING id, subscription_id
     """
