@@ -41,6 +41,7 @@ from bench.infra import (
     ServiceProcess,
     Simulator,
     api_headers,
+    backend_pids,
     cpu_cores,
     cpu_snapshot,
     service_env,
@@ -56,21 +57,20 @@ from bench.measure import (
     percentile,
     rate,
 )
-from bench.report import Check, Report, number
+from bench.report import NOISY_CORES, Check, Report, cores, number
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
 
 START_PATH = "/v1/tracking/start"
 CARRIER_CODE = "stamps_com"
 
+CORES = ("dispatchers", "clients", "api", "simulator", "postgres", "others")
 SCENARIOS = ("b0", "b0x3", "t1", "t3", "lag", "backfill")
 
 THROUGHPUT_TARGET_PER_PROCESS = 1_000.0
 # Where N x 1,000 calls/s is above what N bare clients get here, N dispatchers are asked for
 # this share of that ceiling (one dispatcher gets about 0.9 of b0).
 CEILING_SHARE = 0.9
-# Other processes on the machine using more than this many cores make a measurement suspect.
-NOISY_CORES = 0.3
 LAG_P50_TARGET_MS = 20.0
 BACKFILL_MIN_SHARE = 0.95  # of the allowed rate; the brief asks for the ratio, this judges it
 
@@ -164,7 +164,7 @@ async def baseline(bench: Bench, plan: Plan, report: Report, clients: int, key: 
         cpu = cpu_cores(cpu_before, cpu_now())
         runs = await asyncio.gather(*running)
         calls = await simulator.calls()
-    _warn_if_noisy(report, key, cpu)
+    report.note_if_noisy(key, cpu)
     begun = max(r["started_at"] for r in runs) + plan.warmup_s
     end = min(r["started_at"] for r in runs) + duration_s
     starts = _arrivals(calls)
@@ -177,7 +177,7 @@ async def baseline(bench: Bench, plan: Plan, report: Report, clients: int, key: 
         "1.00 (is one)",
         f"{plan.concurrency} in flight each, {plan.latency_s * 1000:.0f} ms latency, "
         f"{end - begun:.0f} s window; {_in_flight(calls, begun, end):.0f} in flight at the "
-        f"simulator; cores: {_cores(cpu)}; statuses {dict(statuses)}",
+        f"simulator; cores: {cores(cpu, CORES)}; statuses {dict(statuses)}",
         {
             "calls_per_s": per_s,
             "in_flight_at_simulator": _in_flight(calls, begun, end),
@@ -271,12 +271,12 @@ async def throughput(
         f"{vs_ceiling:.2f} of {'b0' if dispatchers == 1 else 'b0x3'} so far",
         f"recorded {number(recorded_per_s)}/s; "
         f"{data['in_flight_at_simulator']:.0f} in flight at the simulator; "
-        f"cores: {_cores(observed.cpu)}; dispatcher CPU "
+        f"cores: {cores(observed.cpu, CORES)}; dispatcher CPU "
         f"{data['cpu_ms_per_call']['dispatchers']:.2f} ms/call; "
         f"{data['db_commits_per_call']:.2f} db commits/call; dup calls {data['duplicate_calls']}",
         data,
     )
-    _warn_if_noisy(report, key, observed.cpu)
+    report.note_if_noisy(key, observed.cpu)
     return per_s
 
 
@@ -359,10 +359,10 @@ async def lag(bench: Bench, plan: Plan, report: Report) -> None:
                 f"{result['post_ms']['p50']:.1f} ms; "
                 f"{result['db_commits_per_subscription']:.1f} commits + "
                 f"{result['db_rollbacks_per_subscription']:.1f} rollbacks/subscription; "
-                f"cores: {_cores(cpu)}",
+                f"cores: {cores(cpu, CORES)}",
                 {"dispatchers": dispatchers, **result},
             )
-            _warn_if_noisy(report, key, cpu)
+            report.note_if_noisy(key, cpu)
             report.check(
                 Check(
                     f"{key}: idle lag p50, POST -> start call ({dispatchers} disp.)",
@@ -509,7 +509,7 @@ async def backfill(bench: Bench, plan: Plan, report: Report, *, single_process_r
         f"max {data['send_to_arrival_ms']['max']:.0f} ms; "
         f"{number(remaining)} left, drain in {_duration(data['projected_drain_left_s'])} "
         f"(all {number(rows)}: {_duration(data['projected_total_drain_s'])}); "
-        f"cores: {_cores(observed.cpu)}; dispatcher CPU "
+        f"cores: {cores(observed.cpu, CORES)}; dispatcher CPU "
         f"{data['cpu_ms_per_call']['dispatchers']:.2f} ms/call; "
         f"{data['db_commits_per_call']:.2f} db commits/call",
         data,
@@ -676,10 +676,7 @@ class Queue:
     async def backend_pids(self) -> list[int]:
         """The server processes serving this database (its connections): the PostgreSQL work
         of this benchmark, and none of another database's."""
-        rows = await self._conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-        )
-        return [row[0] for row in rows]
+        return await backend_pids(self._conn)
 
     async def counters(self) -> dict[str, int]:
         """Cumulative counters: commits in this database, updates of the shared control row."""
@@ -767,20 +764,6 @@ def _distribution(values: Sequence[float]) -> dict[str, float]:
 def _best(*values: float) -> float:
     """The largest value measured; NaN (not measured) when none was."""
     return max((v for v in values if not math.isnan(v)), default=math.nan)
-
-
-def _warn_if_noisy(report: Report, key: str, cpu: dict[str, Any]) -> None:
-    others = cpu.get("others", 0.0)
-    if others > NOISY_CORES:
-        report.note(
-            f"{key}: other processes on this machine used {others:.2f} cores meanwhile; "
-            "its numbers are suspect (run again on a quieter machine)"
-        )
-
-
-def _cores(cpu: dict[str, Any]) -> str:
-    names = ("dispatchers", "clients", "api", "simulator", "postgres", "others")
-    return " ".join(f"{name[:4]} {cpu[name]:.2f}" for name in names if name in cpu)
 
 
 def _duration(seconds: float) -> str:

@@ -434,6 +434,42 @@ async def start_api(procs: Processes, env: Mapping[str, str], name: str = "api")
     return url
 
 
+async def backend_pids(conn: asyncpg.Connection) -> list[int]:
+    """The server processes serving this database (its connections): the PostgreSQL work
+    of a benchmark, and none of another database's."""
+    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return [row[0] for row in rows]
+
+
+class LoadGenerator:
+    """The harness's handle on a load generator process (`bench.loadgen`, `bench.apiload`)."""
+
+    def __init__(self, url: str, process: ServiceProcess) -> None:
+        self.url = url
+        self.process = process
+
+    async def call(self, path: str, spec: dict[str, Any]) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(f"{self.url}{path}", json=spec) as response,
+        ):
+            if response.status != 200:
+                name = self.process.name
+                raise BenchError(f"{name} {path}: {response.status} {await response.text()}")
+            result: dict[str, Any] = await response.json()
+            return result
+
+
+async def start_load_generator(procs: Processes, module: str) -> LoadGenerator:
+    """`python -m bench.<module> --port P`, once its /healthz answers."""
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    argv = [sys.executable, "-m", f"bench.{module}", "--port", str(port)]
+    process = await procs.start(module, argv, {}, answers(f"{url}/healthz"))
+    return LoadGenerator(url, process)
+
+
 def with_children(pid: int) -> list[int]:
     """A process and its children (the workers of `API_WORKERS`)."""
     try:

@@ -23,30 +23,30 @@ during the realistic load and prints where its time goes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from bench import profiling
 from bench.infra import (
     LOOPBACK,
-    BenchError,
+    LoadGenerator,
     Processes,
     ServiceProcess,
     answers,
+    backend_pids,
     cpu_cores,
     cpu_snapshot,
     free_port,
     start_api,
+    start_load_generator,
     with_children,
 )
-from bench.report import Check, Report, number
+from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
 
@@ -63,16 +63,15 @@ SERVER_TITLES = {
 EXPECTED_STATUS = {"a": "204", "b": "204", "full": "200", "full2": "200"}
 
 # Each receiver gets packages of its own: what one stored must not make the other's duplicates.
-PACKAGE_PREFIX = {"a": "1ZBENCH", "b": "1ZBENCH", "full": "1ZBENCH", "full2": "1ZBENCW"}
-HOT_PACKAGE = {"a": "1ZHOT00000001", "b": "1ZHOT00000001", "full": "1ZHOT00000001"}
-HOT_PACKAGE["full2"] = "1ZHOT00000002"
+# The baselines get the 1-process receiver's bytes.
+PACKAGE_PREFIX = {"full": "1ZBENCH", "full2": "1ZBENCW"}
+HOT_PACKAGE = {"full": "1ZHOT00000001", "full2": "1ZHOT00000002"}
 WARMUP_PREFIX = "1ZWARM"
 
 RATIO_TO_B_TARGET = 1.0
 P99_TARGET_MS = 50.0
 HOT_SHARE_OF_REALISTIC = 0.5  # "not collapsing": at least half the realistic rate
 RSS_TARGET_MB = 150.0
-NOISY_CORES = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,24 +100,6 @@ QUICK = dataclasses.replace(
 )
 
 
-class LoadGenerator:
-    """The harness's handle on the load generator process."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def call(self, path: str, spec: dict[str, Any]) -> dict[str, Any]:
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(f"{self.url}{path}", json=spec) as response,
-        ):
-            if response.status != 200:
-                raise BenchError(f"loadgen {path}: {response.status} {await response.text()}")
-            result: dict[str, Any] = await response.json(loads=json.loads)
-            return result
-
-
 @dataclasses.dataclass(frozen=True)
 class Server:
     key: str
@@ -142,13 +123,13 @@ async def run(bench: Bench, report: Report) -> None:
         try:
             for key in RECEIVERS:
                 await _subscribe(conn, plan.packages, PACKAGE_PREFIX[key], HOT_PACKAGE[key])
-            generator, generator_process = await _start_loadgen(procs)
+            generator = await start_load_generator(procs, "loadgen")
             servers = await _start_servers(procs, database_url, generator.url, plan)
             rates: dict[str, float] = {}
             for load in loads:
                 await _measure(bench, plan, report, procs, conn, generator, servers, load, rates)
             _rss_check(report, servers)
-            report.options["loadgen_peak_rss_mb"] = _peak_rss_mb(generator_process.pid)
+            report.options["loadgen_peak_rss_mb"] = _peak_rss_mb(generator.process.pid)
         finally:
             await conn.close()
 
@@ -167,14 +148,6 @@ async def _subscribe(conn: asyncpg.Connection, packages: int, prefix: str, hot: 
         hot,
     )
     await conn.execute("ANALYZE subscriptions")
-
-
-async def _start_loadgen(procs: Processes) -> tuple[LoadGenerator, ServiceProcess]:
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    argv = [sys.executable, "-m", "bench.loadgen", "--port", str(port)]
-    process = await procs.start("loadgen", argv, {}, answers(f"{url}/healthz"))
-    return LoadGenerator(url), process
 
 
 async def _start_servers(
@@ -227,8 +200,8 @@ async def _measure(
         await generator.call("/warmup", warm)
         groups = {
             "server": with_children(server.process.pid),
-            "loadgen": [p.pid for p in procs.started if p.name == "loadgen"],
-            "postgres": await _backend_pids(conn),
+            "loadgen": [generator.process.pid],
+            "postgres": await backend_pids(conn),
             "bench": [os.getpid()],
         }
         before = cpu_snapshot(groups)
@@ -312,11 +285,7 @@ def _row(
         vs = f"{per_s / results['a']['per_s']:.2f} a, {per_s / results['b']['per_s']:.2f} b"
     latency = result["latency_ms"]
     cpu = result["cpu_cores"]
-    cores = " ".join(
-        f"{name[:4]} {cpu[name]:.2f}"
-        for name in ("server", "loadgen", "postgres", "others")
-        if name in cpu
-    )
+    used = cores(cpu, ("server", "loadgen", "postgres", "others"))
     report.scenario(
         f"{load}/{key}",
         SERVER_TITLES[key],
@@ -324,20 +293,11 @@ def _row(
         vs,
         f"{result['requests']:,} requests ({result['passes']} pass"
         f"{'es' if result['passes'] > 1 else ''}), {result['concurrency']} senders, "
-        f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {cores}; "
+        f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {used}; "
         f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/request",
         result,
     )
-    if cpu.get("others", 0.0) > NOISY_CORES:
-        report.note(
-            f"{load}/{key}: other processes used {cpu['others']:.2f} cores meanwhile; "
-            "its numbers are suspect (run again on a quieter machine)"
-        )
-
-
-async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-    return [row[0] for row in rows]
+    report.note_if_noisy(f"{load}/{key}", cpu)
 
 
 async def _check_database(

@@ -20,22 +20,17 @@ list is sent soon after it was prepared.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import bisect
 import collections
 import dataclasses
 import json
-import math
 import random
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from bench.measure import percentile
+from bench.sending import Request, send
 from service.simulator.signing import SigningKeys
 
 WEBHOOK_PATH = "/v1/webhooks/shipengine"
@@ -47,15 +42,9 @@ REPEAT_GAP = (64, 4_000)
 EPOCH = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 
 
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    body: bytes
-    headers: dict[str, str]
-
-
 @dataclasses.dataclass
 class Load:
-    requests: list[Delivery]
+    requests: list[Request]
     facts: dict[str, Any]
 
 
@@ -119,8 +108,9 @@ def tracking_number(prefix: str, index: int) -> str:
     return f"{prefix}{index:08d}"
 
 
-def _signed(keys: SigningKeys, body: bytes) -> Delivery:
-    return Delivery(body, {"Content-Type": "application/json", **keys.headers(body)})
+def _signed(keys: SigningKeys, body: bytes) -> Request:
+    headers = {"Content-Type": "application/json", **keys.headers(body)}
+    return Request(WEBHOOK_PATH, body, headers)
 
 
 def realistic(keys: SigningKeys, spec: dict[str, Any]) -> Load:
@@ -132,7 +122,7 @@ def realistic(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     repeats = round(total * float(spec["repeat_share"]))
     unique = total - repeats
     began = time.monotonic()
-    originals: list[Delivery] = []
+    originals: list[Request] = []
     step_of: dict[int, int] = collections.defaultdict(int)
     order: list[int] = []
     while len(order) < unique:
@@ -170,81 +160,6 @@ def hot(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     return Load(requests, {"requests": len(requests), "unique": 1, "repeats": len(requests) - 1})
 
 
-async def send(
-    url: str,
-    requests: list[Delivery],
-    concurrency: int,
-    min_s: float = 0.0,
-    timeout_s: float = 30.0,
-) -> dict[str, Any]:
-    """Send every request, `concurrency` in flight over as many keep-alive connections; the
-    whole list again (a further pass) while less than `min_s` has passed."""
-    target = f"{url.rstrip('/')}{WEBHOOK_PATH}"
-    statuses: collections.Counter[str] = collections.Counter()
-    latencies: list[float] = []
-    finished: list[float] = []
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    began = time.perf_counter()
-    passes = 0
-
-    def indices() -> Iterator[int]:
-        nonlocal passes
-        while True:
-            passes += 1
-            yield from range(len(requests))
-            if time.perf_counter() - began >= min_s:
-                return
-
-    next_index = indices()
-
-    async def sender(session: aiohttp.ClientSession) -> None:
-        for index in next_index:
-            delivery = requests[index]
-            started = time.perf_counter()
-            try:
-                async with session.post(
-                    target, data=delivery.body, headers=delivery.headers
-                ) as response:
-                    await response.read()
-                    statuses[str(response.status)] += 1
-            except (aiohttp.ClientError, TimeoutError) as error:
-                statuses[type(error).__name__] += 1
-            now = time.perf_counter()
-            finished.append(now - began)
-            latencies.append(now - started)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started_at, began = time.time(), time.perf_counter()
-        await asyncio.gather(*(sender(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    done = sorted(finished)
-    ms = [1000.0 * v for v in latencies]
-    # The middle 80% of completions: no ramp-up, no tail of the last few senders.
-    low, high = int(0.1 * len(done)), int(0.9 * len(done)) - 1
-    steady = (high - low) / (done[high] - done[low]) if high > low else math.nan
-    return {
-        "requests": len(done),
-        "passes": passes,
-        "statuses": dict(statuses),
-        "elapsed_s": elapsed,
-        "per_s": len(done) / elapsed if elapsed > 0 else math.nan,
-        "steady_per_s": steady,
-        "latency_ms": {
-            "p50": percentile(ms, 0.5),
-            "p90": percentile(ms, 0.9),
-            "p99": percentile(ms, 0.99),
-            "max": max(ms, default=math.nan),
-        },
-        "timeline_per_s": [
-            bisect.bisect_left(done, second + 1) - bisect.bisect_left(done, second)
-            for second in range(int(elapsed) + 1)
-        ],
-        "started_at": started_at,
-        "concurrency": concurrency,
-    }
-
-
 class LoadGenerator:
     def __init__(self) -> None:
         self.keys = SigningKeys()
@@ -275,7 +190,7 @@ class LoadGenerator:
         spec: dict[str, Any] = await request.json()
         requests = self.loads[spec["load"]].requests
         min_s = float(spec.get("min_s", 0.0))
-        result = await send(spec["url"], requests, int(spec["concurrency"]), min_s)
+        result = await send(spec["url"], requests, int(spec["concurrency"]), min_s=min_s)
         return web.json_response(result)
 
 

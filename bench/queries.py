@@ -47,12 +47,13 @@ from bench.infra import (
     Processes,
     ServiceProcess,
     api_headers,
+    backend_pids,
     cpu_cores,
     cpu_snapshot,
     start_api,
 )
 from bench.measure import percentile
-from bench.report import Check, Report, number
+from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.api.schemas import decode_cursor, encode_cursor
 from service.db import ops, partitions
@@ -60,12 +61,12 @@ from service.db import subscriptions as queries
 from service.db.engine import asyncpg_dsn, create_engine
 from service.settings import Settings
 
+CORES = ("api", "postgres", "bench", "others")
 SCENARIOS = ("load", "list", "events", "summary")
 
 LIST_P99_TARGET_MS = 20.0
 EVENTS_P99_TARGET_MS = 20.0
 SUMMARY_TARGET_MS = 100.0
-NOISY_CORES = 0.3
 SPAN = timedelta(days=30)  # created_at of the loaded subscriptions: the last 30 days
 EVENT_SPACING = timedelta(hours=5)
 TRACKING_PREFIX = "1ZQ"
@@ -508,19 +509,6 @@ async def _ensure_partitions(database_url: str, start: datetime, end: datetime) 
     return created
 
 
-async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-    return [row[0] for row in rows]
-
-
-def _cores(cpu: dict[str, float]) -> str:
-    return " ".join(
-        f"{name[:4]} {cpu[name]:.2f}"
-        for name in ("api", "postgres", "bench", "others")
-        if name in cpu
-    )
-
-
 # -- reads ------------------------------------------------------------------------------------
 
 
@@ -585,7 +573,7 @@ class Reader:
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
         """Run `work` with the CPU of the API, PostgreSQL and others counted, and py-spy on the
         API meanwhile with --profile."""
-        groups = {**self.groups(), "postgres": await _backend_pids(self.conn)}
+        groups = {**self.groups(), "postgres": await backend_pids(self.conn)}
         before = cpu_snapshot(groups)
         profiler, profile_to = None, None
         if self.bench.profile:
@@ -599,11 +587,7 @@ class Reader:
             profile = profiling.report(
                 profile_to, self.plan.profile_s, f"the API during `{key}`", STAGES, top=15
             )
-        if cpu.get("others", 0.0) > NOISY_CORES:
-            self.report.note(
-                f"{key}: other processes used {cpu['others']:.2f} cores meanwhile; "
-                "its numbers are suspect (run again on a quieter machine)"
-            )
+        self.report.note_if_noisy(key, cpu)
         return cpu, profile
 
     # -- list ---------------------------------------------------------------------------------
@@ -667,7 +651,8 @@ class Reader:
             f"p50 {direct['p50']:.1f} p99 {direct['p99']:.1f} ms; slowest filter "
             f"{slowest[0]} p99 {slowest[1]['p99']:.1f} ms; the rare filter {rare_label} "
             f"p50 {rare['p50']:.0f} p99 {rare['p99']:.0f} ms (SQL alone p50 "
-            f"{sql_by_filter.get(rare_label, distribution([]))['p50']:.0f}); cores: {_cores(cpu)}",
+            f"{sql_by_filter.get(rare_label, distribution([]))['p50']:.0f}); "
+            f"cores: {cores(cpu, CORES)}",
             {
                 "latency_ms": overall,
                 "sql_latency_ms": direct,
@@ -816,7 +801,7 @@ class Reader:
             "-",
             f"{figures['n']:,} random subscriptions, {sum(counts) / max(1, len(counts)):.1f} "
             f"events each; SQL alone (lookup + events) p50 {direct['p50']:.1f} "
-            f"p99 {direct['p99']:.1f} ms; cores: {_cores(cpu)}",
+            f"p99 {direct['p99']:.1f} ms; cores: {cores(cpu, CORES)}",
             {
                 "latency_ms": figures,
                 "sql_latency_ms": direct,
@@ -884,7 +869,7 @@ class Reader:
             f"{plan.summary_s:.0f} s, {len(as_of) - 1} background recounts meanwhile; first "
             f"request (waits for the counts) {first_ms:.0f} ms; the recount alone p50 "
             f"{recount['p50']:.0f} max {recount['max']:.0f} ms "
-            f"({', '.join(f'{k} {v:.0f}' for k, v in parts)} ms); cores: {_cores(cpu)}",
+            f"({', '.join(f'{k} {v:.0f}' for k, v in parts)} ms); cores: {cores(cpu, CORES)}",
             {
                 "latency_ms": figures,
                 "first_request_ms": first_ms,

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Other processes on the machine using more than this many cores make a measurement suspect.
+NOISY_CORES = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,15 @@ class Report:
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"note: {text}", flush=True)
+
+    def note_if_noisy(self, key: str, cpu: dict[str, Any]) -> None:
+        """A note when others on the machine took cores while `key` was measured."""
+        others = cpu.get("others", 0.0)
+        if others > NOISY_CORES:
+            self.note(
+                f"{key}: other processes on this machine used {others:.2f} cores meanwhile; "
+                "its numbers are suspect (run again on a quieter machine)"
+            )
 
     def print_summary(self) -> None:
         print()
@@ -137,3 +148,8 @@ def number(value: float, digits: int = 0) -> str:
     if math.isnan(value):
         return "n/a"
     return f"{value:,.{digits}f}"
+
+
+def cores(cpu: dict[str, Any], names: Sequence[str]) -> str:
+    """Cores used by each of `names` that was measured, as a row's details print them."""
+    return " ".join(f"{name[:4]} {cpu[name]:.2f}" for name in names if name in cpu)

@@ -24,30 +24,30 @@ Afterwards the database is checked (a pending subscription per package, none twi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from bench import profiling
 from bench.infra import (
     LOOPBACK,
-    BenchError,
+    LoadGenerator,
     Processes,
     ServiceProcess,
     answers,
     api_headers,
+    backend_pids,
     cpu_cores,
     cpu_snapshot,
     free_port,
     start_api,
+    start_load_generator,
     with_children,
 )
-from bench.report import Check, Report, number
+from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
 
@@ -60,7 +60,6 @@ WARMUP_PREFIX = "1ZWARM"
 
 RATIO_TO_B_TARGET = 0.8
 BULK_TARGET_PER_S = 20_000.0
-NOISY_CORES = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,25 +90,6 @@ QUICK = dataclasses.replace(
 )
 
 
-class LoadGenerator:
-    """The harness's handle on the load generator process."""
-
-    def __init__(self, url: str, process: ServiceProcess) -> None:
-        self.url = url
-        self.process = process
-
-    async def call(self, path: str, spec: dict[str, Any]) -> dict[str, Any]:
-        timeout = aiohttp.ClientTimeout(total=600)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.post(f"{self.url}{path}", json=spec) as response,
-        ):
-            if response.status != 200:
-                raise BenchError(f"apiload {path}: {response.status} {await response.text()}")
-            result: dict[str, Any] = await response.json(loads=json.loads)
-            return result
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
     key: str
@@ -120,6 +100,7 @@ class Target:
     prefix: str = SINGLE_PREFIX  # of that list's tracking numbers
 
 
+CORES = ("server", "loadgen", "postgres", "others")
 TITLES = {
     "sub_b": "(b) aiohttp + 1 asyncpg INSERT",
     "sub": "POST /v1/subscriptions",
@@ -140,7 +121,7 @@ async def run(bench: Bench, report: Report) -> None:
     ):
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            generator = await _start_loadgen(procs)
+            generator = await start_load_generator(procs, "apiload")
             baseline = await _start_baseline(procs, database_url, plan)
             url = await start_api(procs, {"DATABASE_URL": database_url})
             api_process = next(p for p in procs.started if p.name == "api")
@@ -161,14 +142,6 @@ async def run(bench: Bench, report: Report) -> None:
                 await _bulk(bench, plan, report, procs, conn, generator, api, results)
         finally:
             await conn.close()
-
-
-async def _start_loadgen(procs: Processes) -> LoadGenerator:
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    argv = [sys.executable, "-m", "bench.apiload", "--port", str(port)]
-    process = await procs.start("apiload", argv, {}, answers(f"{url}/healthz"))
-    return LoadGenerator(url, process)
 
 
 async def _start_baseline(procs: Processes, database_url: str, plan: Plan) -> Target:
@@ -304,11 +277,11 @@ async def _bulk(
         "-" if math.isnan(b) else f"{per_s / b:.1f} b, {per_s / single:.1f} sub",
         f"{result['requests']:,} batches ({result['items']:,} subscriptions), "
         f"{result['concurrency']} senders, {result['elapsed_s']:.1f} s; statuses "
-        f"{result['statuses']}; cores: {_cores(cpu)}; API CPU "
+        f"{result['statuses']}; cores: {cores(cpu, CORES)}; API CPU "
         f"{result['server_cpu_ms_per_request'] / plan.batch_size * 1000:.0f} us/subscription",
         result,
     )
-    _warn_if_noisy(report, "bulk", cpu)
+    report.note_if_noisy("bulk", cpu)
     report.check(
         Check(
             "bulk: subscriptions/s via /batch (1,000 a call)",
@@ -347,7 +320,7 @@ async def _measured(
     groups = {
         "server": with_children(target.process.pid),
         "loadgen": [generator.process.pid],
-        "postgres": await _backend_pids(conn),
+        "postgres": await backend_pids(conn),
         "bench": [os.getpid()],
     }
     before = cpu_snapshot(groups)
@@ -385,11 +358,11 @@ def _single_row(
         "1.00 (is b)" if key == "sub_b" else f"{per_s / b:.2f} b",
         f"{result['requests']:,} requests ({result['passes']} pass"
         f"{'es' if result['passes'] > 1 else ''}), {result['concurrency']} senders, "
-        f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {_cores(cpu)}; "
+        f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {cores(cpu, CORES)}; "
         f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/request",
         result,
     )
-    _warn_if_noisy(report, key, cpu)
+    report.note_if_noisy(key, cpu)
 
 
 def _single_checks(report: Report, results: dict[str, dict[str, Any]]) -> None:
@@ -442,27 +415,6 @@ async def _check_database(conn: asyncpg.Connection, prefix: str, expected: int) 
     if row["due"] != row["n"]:
         problems.append(f"{row['n'] - row['due']} not pending with their start due")
     return {"rows": row["n"], "packages": row["packages"], "due": row["due"], "problems": problems}
-
-
-async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
-    return [row[0] for row in rows]
-
-
-def _cores(cpu: dict[str, float]) -> str:
-    return " ".join(
-        f"{name[:4]} {cpu[name]:.2f}"
-        for name in ("server", "loadgen", "postgres", "others")
-        if name in cpu
-    )
-
-
-def _warn_if_noisy(report: Report, key: str, cpu: dict[str, float]) -> None:
-    if cpu.get("others", 0.0) > NOISY_CORES:
-        report.note(
-            f"{key}: other processes used {cpu['others']:.2f} cores meanwhile; "
-            "its numbers are suspect (run again on a quieter machine)"
-        )
 
 
 # Frames on the stack that tell which part of the subscribe path a sample belongs to.

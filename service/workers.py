@@ -40,13 +40,13 @@ def supervise(workers: int, serve: Callable[[], None]) -> int:
             continue
         children.remove(pid)
         code = os.waitstatus_to_exitcode(status)
-        if not stopping:
+        died = not stopping
+        if died:
             log.error("api.worker_died", pid=pid, exit_code=code)
             stopping = True
             _signal_all(children, signal.SIGTERM)
-            worst = worst or 1
-        if code != 0 and not (stopping and code == -signal.SIGTERM):
-            worst = worst or 1
+        if died or code not in (0, -signal.SIGTERM):
+            worst = 1
     return worst
 
 

@@ -37,6 +37,12 @@ def test_jwks_follows_the_base_url_unless_set() -> None:
         ({"DATABASE_URL": URL, "SHIPENGINE_BASE_URL": "ftp://x"}, "SHIPENGINE_BASE_URL"),
         ({"DATABASE_URL": URL, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"DATABASE_URL": URL, "DISPATCH_CONCURRENCY": "0"}, "DISPATCH_CONCURRENCY"),
+        ({"DATABASE_URL": URL, "API_WORKERS": "0"}, "API_WORKERS"),
+        # Deliveries are the evidence for events: never kept longer than them.
+        (
+            {"DATABASE_URL": URL, "DELIVERY_RETENTION_DAYS": "90", "EVENT_RETENTION_DAYS": "60"},
+            "DELIVERY_RETENTION_DAYS",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
