@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from service.domain.subscriptions import (
     Transition,
     transition,
 )
-from service.domain.tracking import parse_track_payload, text, timestamp
+from service.domain.tracking import content_digest, parse_track_payload, text, timestamp
 from service.shipengine.classification import ERROR_CODES
 from service.shipengine.client import classify
 from tests.payloads import track_body
@@ -345,3 +346,32 @@ def test_the_bucket_never_lets_a_minute_exceed_the_rate(rate: int) -> None:
     assert capacity >= 1
     assert capacity + refill_s * 60 <= max(rate, 2)
     assert refill_s * 60 >= rate * 0.9 or rate < 20
+
+
+def _stdlib_digest(payload: dict[str, object]) -> bytes:
+    """The content hash as first written, with the standard library: what stored rows hold."""
+    update = parse_track_payload(payload)
+    content = {
+        "carrier_code": update.carrier_code,
+        "tracking_number": update.tracking_number,
+        "data": payload.get("data"),
+    }
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).digest()
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7])
+def test_the_content_hash_is_unchanged_for_real_shaped_deliveries(steps: int) -> None:
+    payload = track_body("1Z999AA10123456784", "ups", steps)
+    payload["data"]["events"].append(
+        {"description": "Nachbar: Müller 東京", "latitude": -85.76, "zip": None}
+    )
+    payload["data"]["extra"] = {"b": [1, 2.5, True, ""], "a": '\u001f\n"quoted"'}
+    assert content_digest(payload, parse_track_payload(payload)) == _stdlib_digest(payload)
+
+
+def test_the_content_hash_takes_integers_past_64_bits() -> None:
+    payload = track_body("1Z999AA10123456784", "ups", 1)
+    payload["data"]["weight"] = 2**70
+    digest = content_digest(payload, parse_track_payload(payload))
+    assert digest == _stdlib_digest(payload)

@@ -18,18 +18,20 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+import asyncpg
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.db.driver import Statement, driver_connection
 from service.db.tables import RECEIVED_WEEK, webhook_deliveries
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import (
+    Filing,
     PackageStatus,
     RearmPolicy,
     TrackEvent,
@@ -83,11 +85,12 @@ async def store_and_file(
     burst of retries of one delivery does not queue up on its subscription. Within the batch,
     the first of equal contents is the candidate original and the others its copies.
     """
+    db = await driver_connection(conn)
     first_of: dict[bytes, int] = {}
     for index, item in enumerate(incoming):
         first_of.setdefault(item.content_sha256, index)
     candidates = [incoming[index] for index in first_of.values()]
-    originals = await _insert_originals(conn, candidates)
+    originals = await _insert_originals(db, candidates)
     is_original = [
         first_of[item.content_sha256] == index and item.content_sha256 in originals
         for index, item in enumerate(incoming)
@@ -98,14 +101,13 @@ async def store_and_file(
         for item, original in pairs
         if original
     ]
-    filed = iter(await file_stored(conn, to_file, rearm))
-    # After filing: a copy of an original of this batch is filed against what it was.
-    copies = iter(await _insert_copies(conn, [item for item, original in pairs if not original]))
-    return [next(filed) if original else next(copies) for original in is_original]
+    copies = [item for item, original in pairs if not original]
+    filed, duplicates = await _file(db, to_file, rearm, copies)
+    return [next(filed) if original else next(duplicates) for original in is_original]
 
 
-def _as_stored(row: Row[Any], update: TrackingUpdate) -> Stored:
-    return Stored(row.id, update, row.outcome, row.subscription_id)
+def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:
+    return Stored(row["id"], update, row["outcome"], row["subscription_id"])
 
 
 async def file_stored(
@@ -113,111 +115,142 @@ async def file_stored(
 ) -> list[FiledDelivery]:
     """File stored deliveries against the live subscriptions of their packages (or keep them
     orphans), in the order given; one result per delivery, in that order."""
-    if not deliveries:
-        return []
-    live = await _lock_live(conn, {d.update.tracking_number for d in deliveries})
-    shown: dict[uuid.UUID, PackageStatus] = {}
-    events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]] = {}
-    changes: list[dict[str, Any]] = []
-    marks: list[tuple[int, str, uuid.UUID | None]] = []
-    results: list[FiledDelivery] = []
-    for delivery in deliveries:
-        subscription = _match(live, delivery.update)
-        if subscription is None:
-            if delivery.outcome not in (None, "orphan"):
-                marks.append((delivery.delivery_id, "orphan", None))
-            results.append(FiledDelivery(delivery.delivery_id, "orphan", None))
-            continue
-        for event in delivery.update.events:
-            first = (subscription.created_at, delivery.delivery_id, event)
-            events.setdefault((subscription.id, event.key), first)
-        before = shown.get(subscription.id) or _package_status(subscription)
-        filing = file_update(before, delivery.update, rearm)
-        shown[subscription.id] = filing.status
-        if filing.changed:
-            changes.append(
-                {
-                    "subscription_id": subscription.id,
-                    "previous": before.status_code,
-                    "status_code": filing.status.status_code,
-                    "occurred_at": delivery.update.newest_event_at,
-                    "delivery_id": delivery.delivery_id,
-                }
-            )
-        if delivery.outcome is not None and (delivery.outcome, delivery.subscription_id) != (
+    filed, _ = await _file(await driver_connection(conn), deliveries, rearm, copies=())
+    return list(filed)
+
+
+class _Change(NamedTuple):
+    subscription_id: uuid.UUID
+    previous: str | None
+    status_code: str | None
+    occurred_at: datetime | None
+    delivery_id: int
+
+
+@dataclasses.dataclass
+class _Writes:
+    """What filing a batch writes, gathered as it is folded, in one statement's arrays."""
+
+    events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]] = dataclasses.field(
+        default_factory=dict
+    )
+    shown: dict[uuid.UUID, PackageStatus] = dataclasses.field(default_factory=dict)
+    changes: list[_Change] = dataclasses.field(default_factory=list)
+    marks: list[tuple[int, str, uuid.UUID | None]] = dataclasses.field(default_factory=list)
+
+
+async def _file(
+    db: asyncpg.Connection,
+    deliveries: Sequence[Stored],
+    rearm: RearmPolicy,
+    copies: Sequence[Incoming],
+) -> tuple[Iterator[FiledDelivery], Iterator[FiledDelivery]]:
+    """File `deliveries` in order and keep `copies` as duplicates: the results of each, in
+    their order. Everything after the lock is one statement."""
+    live = await _lock_live(db, {d.update.tracking_number for d in deliveries})
+    writes = _Writes()
+    folded = [_fold(d, _match(live, d.update), writes, rearm) for d in deliveries]
+    if writes.marks:
+        await _MARK.fetch(db, **_mark_arrays(writes.marks))
+    new_events: collections.Counter[int] = collections.Counter()
+    duplicates: list[FiledDelivery] = []
+    if writes.events or writes.shown or copies:
+        rows = await _WRITE_FILINGS.fetch(
+            db,
+            **_event_arrays(writes.events),
+            **_status_arrays(writes.shown),
+            rearm_delay_s=rearm.delay_s,
+            **_change_arrays(writes.changes),
+            **_delivery_arrays(copies),
+        )
+        new_events.update(row["id"] for row in rows if row["kind"] == "event")
+        # Identities are drawn in the order rows are inserted, which is the order given.
+        copied = sorted((r["id"], r["subscription_id"]) for r in rows if r["kind"] == "copy")
+        duplicates = [FiledDelivery(id_, "duplicate", sub) for id_, sub in copied]
+    filed = (
+        FiledDelivery(
+            delivery_id,
             "filed",
-            subscription.id,
-        ):
-            marks.append((delivery.delivery_id, "filed", subscription.id))
-        results.append(
-            FiledDelivery(
+            subscription_id,
+            new_events=new_events[delivery_id],
+            status_changed=filing.changed,
+            regression=filing.regression,
+            rearmed=filing.rearmed,
+        )
+        if subscription_id is not None and filing is not None
+        else FiledDelivery(delivery_id, "orphan", None)
+        for delivery_id, subscription_id, filing in folded
+    )
+    return filed, iter(duplicates)
+
+
+def _fold(
+    delivery: Stored, subscription: asyncpg.Record | None, writes: _Writes, rearm: RearmPolicy
+) -> tuple[int, uuid.UUID | None, Filing | None]:
+    """File one delivery against what its subscription shows after the batch's earlier ones."""
+    if subscription is None:
+        if delivery.outcome not in (None, "orphan"):
+            writes.marks.append((delivery.delivery_id, "orphan", None))
+        return delivery.delivery_id, None, None
+    subscription_id: uuid.UUID = subscription["id"]
+    for event in delivery.update.events:
+        first = (subscription["created_at"], delivery.delivery_id, event)
+        writes.events.setdefault((subscription_id, event.key), first)
+    before = writes.shown.get(subscription_id) or _package_status(subscription)
+    filing = file_update(before, delivery.update, rearm)
+    writes.shown[subscription_id] = filing.status
+    if filing.changed:
+        writes.changes.append(
+            _Change(
+                subscription_id,
+                before.status_code,
+                filing.status.status_code,
+                delivery.update.newest_event_at,
                 delivery.delivery_id,
-                "filed",
-                subscription.id,
-                status_changed=filing.changed,
-                regression=filing.regression,
-                rearmed=filing.rearmed,
             )
         )
-    new_events = await _insert_events(conn, events)
-    await _update_statuses(conn, shown, rearm)
-    await _insert_status_changes(conn, changes)
-    await _mark(conn, marks)
-    return [
-        dataclasses.replace(result, new_events=new_events[result.delivery_id])
-        if result.outcome == "filed"
-        else result
-        for result in results
-    ]
+    if delivery.outcome is not None and (delivery.outcome, delivery.subscription_id) != (
+        "filed",
+        subscription_id,
+    ):
+        writes.marks.append((delivery.delivery_id, "filed", subscription_id))
+    return delivery.delivery_id, subscription_id, filing
 
 
-def _match(live: dict[str, list[Row[Any]]], update: TrackingUpdate) -> Row[Any] | None:
+def _match(live: dict[str, list[asyncpg.Record]], update: TrackingUpdate) -> asyncpg.Record | None:
     """The newest live subscription of the package. The carrier code can be missing from a
     delivery; the tracking number alone then decides."""
     candidates = [
         row
         for row in live.get(update.tracking_number or "", ())
-        if update.carrier_code is None or row.carrier_code == update.carrier_code
+        if update.carrier_code is None or row["carrier_code"] == update.carrier_code
     ]
-    return max(candidates, key=lambda row: row.created_at, default=None)
+    return max(candidates, key=lambda row: row["created_at"], default=None)
 
 
-def _package_status(subscription: Row[Any]) -> PackageStatus:
+def _package_status(subscription: asyncpg.Record) -> PackageStatus:
     return PackageStatus(
-        status_code=subscription.status_code,
-        status_description=subscription.status_description,
-        estimated_delivery_date=subscription.estimated_delivery_date,
-        actual_delivery_date=subscription.actual_delivery_date,
-        last_event_at=subscription.last_event_at,
-        rearms=subscription.rearms,
-        rearm_due=subscription.next_attempt_at is not None,
-        rearmable=subscription.state == SubscriptionState.ACTIVE.value
-        and subscription.done_at is None,
+        status_code=subscription["status_code"],
+        status_description=subscription["status_description"],
+        estimated_delivery_date=subscription["estimated_delivery_date"],
+        actual_delivery_date=subscription["actual_delivery_date"],
+        last_event_at=subscription["last_event_at"],
+        rearms=subscription["rearms"],
+        rearm_due=subscription["next_attempt_at"] is not None,
+        rearmable=subscription["state"] == SubscriptionState.ACTIVE.value
+        and subscription["done_at"] is None,
     )
 
 
 async def _insert_originals(
-    conn: AsyncConnection, incoming: list[Incoming]
-) -> dict[bytes, Row[Any]]:
+    db: asyncpg.Connection, incoming: list[Incoming]
+) -> dict[bytes, asyncpg.Record]:
     """Store each as the original of its content unless one is stored already: by content,
     the rows stored (id, outcome, subscription_id)."""
     if not incoming:
         return {}
-    rows = await conn.execute(_INSERT_ORIGINALS, _delivery_arrays(incoming))
-    return {row.content_sha256: row for row in rows}
-
-
-async def _insert_copies(conn: AsyncConnection, incoming: list[Incoming]) -> list[FiledDelivery]:
-    if not incoming:
-        return []
-    # Identities are drawn in the order rows are inserted, which is the order given.
-    rows = sorted(await conn.execute(_INSERT_COPIES, _delivery_arrays(incoming)), key=_by_id)
-    return [FiledDelivery(row.id, "duplicate", row.subscription_id) for row in rows]
-
-
-def _by_id(row: Row[Any]) -> int:
-    delivery_id: int = row.id
-    return delivery_id
+    rows = await _INSERT_ORIGINALS.fetch(db, **_delivery_arrays(incoming))
+    return {row["content_sha256"]: row for row in rows}
 
 
 def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
@@ -235,92 +268,71 @@ def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
 
 
 async def _lock_live(
-    conn: AsyncConnection, tracking_numbers: Iterable[str | None]
-) -> dict[str, list[Row[Any]]]:
+    db: asyncpg.Connection, tracking_numbers: Iterable[str | None]
+) -> dict[str, list[asyncpg.Record]]:
     """The live subscriptions of these tracking numbers, locked in id order (so that batches
     that share subscriptions wait for each other instead of deadlocking)."""
     numbers = sorted(number for number in tracking_numbers if number is not None)
-    live: dict[str, list[Row[Any]]] = collections.defaultdict(list)
+    live: dict[str, list[asyncpg.Record]] = collections.defaultdict(list)
     if numbers:
-        for row in await conn.execute(_LOCK_LIVE, {"numbers": numbers}):
-            live[row.tracking_number].append(row)
+        for row in await _LOCK_LIVE.fetch(db, numbers=numbers):
+            live[row["tracking_number"]].append(row)
     return live
 
 
-async def _insert_events(
-    conn: AsyncConnection,
+def _event_arrays(
     events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]],
-) -> collections.Counter[int]:
-    """Insert the events their subscriptions do not have yet: new events per delivery."""
-    if not events:
-        return collections.Counter()
+) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {
         "subscription_ids": [],
         "subscription_created_ats": [],
         "event_keys": [],
-        "delivery_ids": [],
-        **{f"{field}s": [] for field in _EVENT_FIELDS},
+        "event_delivery_ids": [],
+        **{f"event_{field}s": [] for field in _EVENT_FIELDS},
     }
     for (subscription_id, key), (created_at, delivery_id, event) in events.items():
         columns["subscription_ids"].append(subscription_id)
         columns["subscription_created_ats"].append(created_at)
         columns["event_keys"].append(key)
-        columns["delivery_ids"].append(delivery_id)
+        columns["event_delivery_ids"].append(delivery_id)
         for field in _EVENT_FIELDS:
-            columns[f"{field}s"].append(getattr(event, field))
-    rows = await conn.execute(_INSERT_EVENTS, columns)
-    return collections.Counter(row.delivery_id for row in rows)
+            columns[f"event_{field}s"].append(getattr(event, field))
+    return columns
 
 
-async def _update_statuses(
-    conn: AsyncConnection, shown: dict[uuid.UUID, PackageStatus], rearm: RearmPolicy
-) -> None:
-    """Write what each subscription shows after its deliveries; its row is locked, so the
-    values computed here are the ones to keep."""
-    if not shown:
-        return
+def _status_arrays(shown: dict[uuid.UUID, PackageStatus]) -> dict[str, list[Any]]:
+    """What each subscription shows after the batch; its row is locked, so the values
+    computed here are the ones to keep."""
     statuses = list(shown.values())
-    await conn.execute(
-        _UPDATE_STATUSES,
-        {
-            "ids": list(shown),
-            "status_codes": [s.status_code for s in statuses],
-            "status_descriptions": [s.status_description for s in statuses],
-            "estimated": [s.estimated_delivery_date for s in statuses],
-            "actual": [s.actual_delivery_date for s in statuses],
-            "last_event_ats": [s.last_event_at for s in statuses],
-            "rearms": [s.rearms for s in statuses],
-            "rearm_dues": [s.rearm_due for s in statuses],
-            "rearm_delay_s": rearm.delay_s,
-        },
-    )
+    return {
+        "status_ids": list(shown),
+        "status_codes": [s.status_code for s in statuses],
+        "status_descriptions": [s.status_description for s in statuses],
+        "estimated": [s.estimated_delivery_date for s in statuses],
+        "actual": [s.actual_delivery_date for s in statuses],
+        "last_event_ats": [s.last_event_at for s in statuses],
+        "rearms": [s.rearms for s in statuses],
+        "rearm_dues": [s.rearm_due for s in statuses],
+    }
 
 
-async def _insert_status_changes(conn: AsyncConnection, changes: list[dict[str, Any]]) -> None:
-    if changes:
-        await conn.execute(
-            _INSERT_STATUS_CHANGES,
-            {
-                "subscription_ids": [c["subscription_id"] for c in changes],
-                "previous": [c["previous"] for c in changes],
-                "status_codes": [c["status_code"] for c in changes],
-                "occurred_ats": [c["occurred_at"] for c in changes],
-                "delivery_ids": [c["delivery_id"] for c in changes],
-            },
-        )
+def _change_arrays(changes: list[_Change]) -> dict[str, list[Any]]:
+    return {
+        "change_subscription_ids": [c.subscription_id for c in changes],
+        "change_previous": [c.previous for c in changes],
+        "change_status_codes": [c.status_code for c in changes],
+        "change_occurred_ats": [c.occurred_at for c in changes],
+        "change_delivery_ids": [c.delivery_id for c in changes],
+    }
 
 
-async def _mark(conn: AsyncConnection, marks: list[tuple[int, str, uuid.UUID | None]]) -> None:
-    if marks:
-        ids, outcomes, subscription_ids = zip(*marks, strict=True)
-        await conn.execute(
-            _MARK,
-            {
-                "ids": list(ids),
-                "outcomes": list(outcomes),
-                "subscription_ids": list(subscription_ids),
-            },
-        )
+def _mark_arrays(marks: list[tuple[int, str, uuid.UUID | None]]) -> dict[str, list[Any]]:
+    ids, outcomes, subscription_ids = zip(*marks, strict=True)
+    return {
+        "ids": list(ids),
+        "outcomes": list(outcomes),
+        "subscription_ids": list(subscription_ids),
+    }
 
 
 async def record_refusal(
@@ -450,7 +462,7 @@ async def replay_one(
 
 
 # The webhook path's statements. Rows come as arrays, so the text is the same for one row or a
-# thousand: compiled once by SQLAlchemy, prepared once by PostgreSQL.
+# thousand: PostgreSQL prepares it once. Sent to asyncpg directly (`db/driver.py`).
 _DELIVERY_ROWS = """
     unnest(CAST(:headers AS text[]), CAST(:bodies AS bytea[]), CAST(:body_sha256s AS bytea[]),
            CAST(:contents AS bytea[]), CAST(:resource_types AS text[]),
@@ -473,7 +485,7 @@ _DELIVERY_VALUES = (
 # against the live subscription its package has now (read, not locked: repeats must not wait
 # on a row lock), or as an orphan; filing corrects the rare row whose subscription changed
 # before it was locked, so the common row is written once and never updated.
-_INSERT_ORIGINALS = sa.text(
+_INSERT_ORIGINALS = Statement.of(
     f"""
     INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
     SELECT {_DELIVERY_VALUES}, CASE WHEN live.id IS NULL THEN 'orphan' ELSE 'filed' END, live.id
@@ -490,22 +502,12 @@ _INSERT_ORIGINALS = sa.text(
     """
 )
 
-# A copy is filed against whatever its original was filed against: the original of this week,
-# the one its insert ran into (an earlier week may hold another).
-_INSERT_COPIES = sa.text(
-    f"""
-    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
-    SELECT {_DELIVERY_VALUES}, 'duplicate',
-           (SELECT o.subscription_id FROM webhook_deliveries AS o
-            WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan')
-              AND o.received_week = {RECEIVED_WEEK})
-    FROM {_DELIVERY_ROWS} ORDER BY v.ord
-    RETURNING id, subscription_id
-    """
-)
-
 # `state <> 'stopped'` is the live-package index's predicate, so the index serves the lookup.
-_LOCK_LIVE = sa.text(
+# NO KEY UPDATE, the lock filing's UPDATE takes anyway: an original inserted by another batch
+# holds its subscription's row in KEY SHARE (the foreign key) until it commits, in the order of
+# its deliveries, and FOR UPDATE would wait on that while holding rows of its own: a deadlock
+# between two API processes given the same deliveries (tests/test_scale_out.py).
+_LOCK_LIVE = Statement.of(
     """
     SELECT id, carrier_code, tracking_number, created_at, state, done_at, status_code,
            status_description, estimated_delivery_date, actual_delivery_date, last_event_at,
@@ -513,68 +515,84 @@ _LOCK_LIVE = sa.text(
     FROM subscriptions
     WHERE tracking_number = ANY(CAST(:numbers AS text[])) AND state <> 'stopped'
     ORDER BY id
-    FOR UPDATE
+    FOR NO KEY UPDATE
     """
 )
 
-_EVENT_FIELDS = tuple(field.name for field in dataclasses.fields(TrackEvent))
-_EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude": "float8"}
-_INSERT_EVENTS = sa.text(
-    f"""
-    INSERT INTO tracking_events
-        (subscription_id, subscription_created_at, event_key, delivery_id,
-         {", ".join(_EVENT_FIELDS)})
-    SELECT * FROM unnest(
-        CAST(:subscription_ids AS uuid[]), CAST(:subscription_created_ats AS timestamptz[]),
-        CAST(:event_keys AS bytea[]),
-        CAST(:delivery_ids AS bigint[]),
-        {", ".join(f"CAST(:{f}s AS {_EVENT_TYPES.get(f, 'text')}[])" for f in _EVENT_FIELDS)})
-    ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
-    RETURNING delivery_id
-    """
-)
-
-_UPDATE_STATUSES = sa.text(
-    """
-    UPDATE subscriptions AS s
-    SET status_code = v.status_code,
-        status_description = v.status_description,
-        estimated_delivery_date = v.estimated,
-        actual_delivery_date = v.actual,
-        last_event_at = v.last_event_at,
-        rearms = v.rearms,
-        -- A restart of tracking after an EX: due after the delay.
-        next_attempt_at = CASE
-            WHEN v.rearm_due AND s.next_attempt_at IS NULL
-            THEN now() + make_interval(secs => :rearm_delay_s)
-            ELSE s.next_attempt_at END,
-        last_heard_at = now(),
-        updated_at = now()
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:status_codes AS text[]),
-                CAST(:status_descriptions AS text[]), CAST(:estimated AS timestamptz[]),
-                CAST(:actual AS timestamptz[]), CAST(:last_event_ats AS timestamptz[]),
-                CAST(:rearms AS integer[]), CAST(:rearm_dues AS boolean[]))
-        AS v(id, status_code, status_description, estimated, actual, last_event_at, rearms,
-             rearm_due)
-    WHERE s.id = v.id
-    """
-)
-
-_INSERT_STATUS_CHANGES = sa.text(
-    """
-    INSERT INTO status_changes
-        (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
-    SELECT * FROM unnest(CAST(:subscription_ids AS uuid[]), CAST(:previous AS text[]),
-                         CAST(:status_codes AS text[]), CAST(:occurred_ats AS timestamptz[]),
-                         CAST(:delivery_ids AS bigint[]))
-    """
-)
-
-_MARK = sa.text(
+_MARK = Statement.of(
     """
     UPDATE webhook_deliveries AS d SET outcome = v.outcome, subscription_id = v.subscription_id
     FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS text[]),
                 CAST(:subscription_ids AS uuid[])) AS v(id, outcome, subscription_id)
     WHERE d.id = v.id
+    """
+)
+
+_EVENT_FIELDS = tuple(field.name for field in dataclasses.fields(TrackEvent))
+_EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude": "float8"}
+_EVENT_ARRAYS = ", ".join(
+    f"CAST(:event_{field}s AS {_EVENT_TYPES.get(field, 'text')}[])" for field in _EVENT_FIELDS
+)
+
+# Everything a batch writes once its subscriptions are locked, in one statement (each round
+# trip cost the receiver more CPU than its rows did): the events the subscriptions lack, what
+# each shows now, its status changes, and the copies, kept as duplicates of what their
+# originals were filed against: this week's original, the one their insert ran into (an
+# earlier week may hold another). The sub-statements touch different rows, so seeing the
+# same snapshot changes nothing; the copies' originals were inserted by an earlier statement.
+_WRITE_FILINGS = Statement.of(
+    f"""
+    WITH new_events AS (
+        INSERT INTO tracking_events
+            (subscription_id, subscription_created_at, event_key, delivery_id,
+             {", ".join(_EVENT_FIELDS)})
+        SELECT * FROM unnest(
+            CAST(:subscription_ids AS uuid[]), CAST(:subscription_created_ats AS timestamptz[]),
+            CAST(:event_keys AS bytea[]), CAST(:event_delivery_ids AS bigint[]),
+            {_EVENT_ARRAYS})
+        ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
+        RETURNING delivery_id
+    ), statuses AS (
+        UPDATE subscriptions AS s
+        SET status_code = v.status_code,
+            status_description = v.status_description,
+            estimated_delivery_date = v.estimated,
+            actual_delivery_date = v.actual,
+            last_event_at = v.last_event_at,
+            rearms = v.rearms,
+            -- A restart of tracking after an EX: due after the delay.
+            next_attempt_at = CASE
+                WHEN v.rearm_due AND s.next_attempt_at IS NULL
+                THEN now() + make_interval(secs => CAST(:rearm_delay_s AS float8))
+                ELSE s.next_attempt_at END,
+            last_heard_at = now(),
+            updated_at = now()
+        FROM unnest(CAST(:status_ids AS uuid[]), CAST(:status_codes AS text[]),
+                    CAST(:status_descriptions AS text[]), CAST(:estimated AS timestamptz[]),
+                    CAST(:actual AS timestamptz[]), CAST(:last_event_ats AS timestamptz[]),
+                    CAST(:rearms AS integer[]), CAST(:rearm_dues AS boolean[]))
+            AS v(id, status_code, status_description, estimated, actual, last_event_at, rearms,
+                 rearm_due)
+        WHERE s.id = v.id
+    ), changes AS (
+        INSERT INTO status_changes
+            (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
+        SELECT * FROM unnest(
+            CAST(:change_subscription_ids AS uuid[]), CAST(:change_previous AS text[]),
+            CAST(:change_status_codes AS text[]), CAST(:change_occurred_ats AS timestamptz[]),
+            CAST(:change_delivery_ids AS bigint[]))
+    ), copies AS (
+        INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
+        SELECT {_DELIVERY_VALUES}, 'duplicate',
+               (SELECT o.subscription_id FROM webhook_deliveries AS o
+                WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan')
+                  AND o.received_week = {RECEIVED_WEEK})
+        FROM {_DELIVERY_ROWS} ORDER BY v.ord
+        RETURNING id, subscription_id
+    )
+    SELECT 'event' AS kind, delivery_id AS id, CAST(NULL AS uuid) AS subscription_id
+    FROM new_events
+    UNION ALL
+    SELECT 'copy', id, subscription_id FROM copies
     """
 )
