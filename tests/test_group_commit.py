@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -106,6 +107,29 @@ async def test_a_delivery_that_cannot_be_stored_fails_alone(engine: AsyncEngine)
     assert [getattr(a, "outcome", None) for a in answers] == ["filed", None, "filed"]
     assert isinstance(answers[1], Exception)
     assert await outcomes(engine) == [("1ZA", "filed"), ("1ZA", "filed")]
+
+
+async def test_a_group_that_loses_a_deadlock_is_committed_again_whole(
+    engine: AsyncEngine,
+) -> None:
+    attempts: list[int] = []
+
+    async def work(conn: AsyncConnection, items: Sequence[str]) -> list[str]:
+        attempts.append(len(items))
+        await conn.execute(text("SELECT 1"))
+        if len(attempts) == 1:
+            # What PostgreSQL answers the transaction it picks to break a deadlock.
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return [f"{item} committed" for item in items]
+
+    batcher = GroupCommit(engine, work, lambda _: None)
+    tasks = await queued(batcher, ["a", "b"])
+    batcher.start()
+    answers = await asyncio.gather(*tasks)
+    await batcher.close()
+
+    assert answers == ["a committed", "b committed"]
+    assert attempts == [2, 2]
 
 
 async def test_closing_commits_what_is_queued_first(engine: AsyncEngine) -> None:

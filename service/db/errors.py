@@ -24,3 +24,18 @@ def is_unavailable(error: BaseException) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+# deadlock_detected and serialization_failure: nothing wrong with the statements, only with
+# their timing; the same transaction run again commits.
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_transient(error: BaseException) -> bool:
+    """True when the transaction lost a deadlock or a serialization conflict: run it again."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -8,9 +8,9 @@ a request is a group of one and waits for nothing. Profiles of the webhook recei
 POST /v1/subscriptions showed most of a lone request's time went to its statements and its
 commit; shared by a group, their cost all but disappears.
 
-A group that fails for any reason but an unreachable database is run again one item at a
-time, so an item that cannot be committed fails alone (and a deadlock between groups, should
-one happen, costs a retry rather than an error).
+A group that loses a deadlock (or a serialization conflict) is run again as it was, up to
+TRANSIENT_ATTEMPTS times in all. A group that fails for any other reason but an unreachable
+database is run again one item at a time, so an item that cannot be committed fails alone.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db.errors import is_unavailable
+from service.db.errors import is_transient, is_unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +34,7 @@ Out = TypeVar("Out")
 MAX_GROUP = 256
 # Transactions in flight at once: while one waits on the database, the next group fills.
 WRITERS = 2
+TRANSIENT_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +95,16 @@ class GroupCommit(Generic[In, Out]):
             elif self._closing:
                 return
 
-    async def _commit(self, group: list[_Waiting[In, Out]]) -> None:
+    async def _commit(self, group: list[_Waiting[In, Out]], attempt: int = 1) -> None:
         self._observe_group(len(group))
         try:
             async with self._engine.begin() as conn:
                 results = await self._work(conn, [waiting.item for waiting in group])
         except Exception as error:
+            if is_transient(error) and attempt < TRANSIENT_ATTEMPTS:
+                log.warning("group_commit.conflict", items=len(group), attempt=attempt)
+                await self._commit(group, attempt + 1)
+                return
             if len(group) > 1 and not is_unavailable(error):
                 log.warning("group_commit.group_failed", items=len(group), error=repr(error))
                 for waiting in group:
