@@ -183,6 +183,7 @@ async def test_events_with_missing_fields_are_filed(api: Client, hooks: WebhookS
         (b"{broken", "application/json", 400, "invalid_json"),
         (b"[]", "application/json", 400, "not_an_object"),
         (b"", "application/json", 400, "invalid_json"),
+        (b'{"data": {"tracking_number": "\\ud800"}}', "application/json", 400, "invalid_json"),
         (b"<xml/>", "text/xml", 415, "unsupported_media_type"),
     ],
 )
