@@ -29,7 +29,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import profiling
 from bench.infra import (
@@ -205,6 +207,7 @@ async def _measure(
             "bench": [os.getpid()],
         }
         before = cpu_snapshot(groups)
+        groups_before = await _group_commits(server.url) if key in RECEIVERS else None
         profiler, profile_to = None, None
         if bench.profile and key == "full" and load == "realistic":
             profile_to = bench.log_dir / f"ingest-{load}-api.pyspy.txt"
@@ -223,6 +226,14 @@ async def _measure(
             * result["cpu_cores"].get("interval_s", math.nan)
             / result["requests"]
         )
+        if groups_before is not None:
+            items, commits = (
+                after - before
+                for after, before in zip(
+                    await _group_commits(server.url), groups_before, strict=True
+                )
+            )
+            result["mean_group_commit"] = items / commits if commits else math.nan
         if profiler is not None and profile_to is not None:
             await profiling.wait(profiler, timeout_s=plan.profile_s + 30)
             result["profile"] = profiling.report(
@@ -236,6 +247,21 @@ async def _measure(
         report.scenarios[f"{load}/{key}"]["database"] = database
         report.scenarios[f"{load}/{key}"]["load"] = facts[key]
         _checks(report, load, key, results, database, rates)
+
+
+async def _group_commits(url: str) -> tuple[float, float]:
+    """Deliveries and commits so far of the receiver's group commit, from its /metrics (one
+    process's, with API_WORKERS=2)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        exposition = await response.text()
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(exposition):
+        if family.name == "tracking_group_commit_size":
+            for sample in family.samples:
+                kind = sample.name.removeprefix("tracking_group_commit_size_")
+                if sample.labels.get("path") == "webhook" and kind in totals:
+                    totals[kind] += sample.value
+    return totals["sum"], totals["count"]
 
 
 def _list_name(load: str, key: str) -> str:
@@ -294,7 +320,12 @@ def _row(
         f"{result['requests']:,} requests ({result['passes']} pass"
         f"{'es' if result['passes'] > 1 else ''}), {result['concurrency']} senders, "
         f"{result['elapsed_s']:.1f} s; statuses {result['statuses']}; cores: {used}; "
-        f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/request",
+        f"server CPU {result['server_cpu_ms_per_request']:.2f} ms/request"
+        + (
+            f", mean group {result['mean_group_commit']:.1f}"
+            if "mean_group_commit" in result
+            else ""
+        ),
         result,
     )
     report.note_if_noisy(f"{load}/{key}", cpu)
