@@ -12,6 +12,7 @@ import uvloop
 from aiohttp import web
 
 from service import cli_ops, cli_tokens
+from service.gc_tuning import tune_for_serving
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
 
@@ -20,6 +21,7 @@ def _api() -> None:
     from service.api.app import create_app
 
     settings = _settings()
+    tune_for_serving()
 
     def serve(reuse_port: bool = False) -> None:
         web.run_app(
@@ -42,8 +44,10 @@ def _api() -> None:
 def _dispatcher() -> None:
     from service.dispatcher import runtime
 
+    settings = _settings()
+    tune_for_serving()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(runtime.serve(_settings()))
+        runner.run(runtime.serve(settings))
 
 
 def _migrate() -> None:

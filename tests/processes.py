@@ -25,6 +25,19 @@ def free_port() -> int:
     return port
 
 
+def log_events(log_path: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of event `name`, in order."""
+    found = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == name:
+            found.append(record)
+    return found
+
+
 class DispatcherProcess:
     """`python -m service dispatcher` as its own OS process, its JSON log in a file."""
 
@@ -50,15 +63,7 @@ class DispatcherProcess:
         return True if self.events("dispatcher.started") else None
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == name:
-                found.append(record)
-        return found
+        return log_events(self.log_path, name)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup of any kind, as when a machine or the OOM killer takes it."""
@@ -101,6 +106,9 @@ class ApiProcess:
         started = cls(process, f"http://127.0.0.1:{port}", log_path)
         await eventually(started._answers, timeout_s=30)
         return started
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return log_events(self.log_path, name)
 
     async def _answers(self) -> bool | None:
         if self.process.returncode is not None:
