@@ -7,6 +7,7 @@ import asyncio
 import bisect
 import collections
 import dataclasses
+import gc
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -78,9 +79,16 @@ async def send(
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started_at, began = time.time(), time.perf_counter()
-        await asyncio.gather(*(sender(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
+        # The prepared requests are many objects: frozen out of the cyclic collector while
+        # they are sent, its pauses here do not show up as the server's latency.
+        gc.collect()
+        gc.freeze()
+        try:
+            started_at, began = time.time(), time.perf_counter()
+            await asyncio.gather(*(sender(session) for _ in range(concurrency)))
+            elapsed = time.perf_counter() - began
+        finally:
+            gc.unfreeze()
     done = sorted(finished)
     ms = [1000.0 * v for v in latencies]
     # The middle 80% of completions: no ramp-up, no tail of the last few senders.
