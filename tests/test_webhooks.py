@@ -162,6 +162,18 @@ async def test_loose_shapes_are_stored_not_refused(
     assert answer["delivery_id"] > 0
 
 
+async def test_a_tracking_number_sent_as_a_json_number_keeps_every_digit(
+    api: Client, hooks: WebhookSender
+) -> None:
+    subscription_id = await subscribe(api)
+    body = json.dumps(track_body(TRACKING_NUMBER, "stamps_com", 1)).encode()
+    # 22 digits: past 64 bits, which a float (or orjson, reading one) would round.
+    as_number = body.replace(f'"{TRACKING_NUMBER}"'.encode(), TRACKING_NUMBER.encode())
+    assert as_number != body
+    answer = await hooks.deliver(as_number)
+    assert (answer["outcome"], answer["subscription_id"]) == ("filed", subscription_id)
+
+
 async def test_events_with_missing_fields_are_filed(api: Client, hooks: WebhookSender) -> None:
     subscription_id = await subscribe(api)
     body = track_body(TRACKING_NUMBER, "stamps_com", 0)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
+from service import json_exact
 from service.api.errors import ApiError, BadRequest, ErrorDetail
 
 
@@ -28,6 +27,6 @@ async def read_json(request: web.Request) -> object:
             ErrorDetail("validation", "request_body_required", "the request needs a JSON body")
         )
     try:
-        return json.loads(raw)
+        return json_exact.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:  # deep nesting too
         raise BadRequest.invalid(f"the body is not valid JSON: {error}") from None

@@ -25,6 +25,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from service import json_exact
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import DELIVERY_COMMITS, ENGINE, METRICS, SETTINGS, VERIFIER
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
@@ -141,22 +142,19 @@ def _payload(request: web.Request, body: bytes) -> dict[str, object]:
             f"expected application/json, got {request.content_type}",
             "validation",
         )
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        payload = _parse_slowly(body)
+    payload = _parse(body)
     if not isinstance(payload, dict):
         raise Refused(400, "not_an_object", "a track webhook body is a JSON object", "validation")
     return payload
 
 
-def _parse_slowly(body: bytes) -> object:
-    """The standard library's parser, for what orjson refuses but is JSON all the same
-    (integers past 64 bits): a delivery is never refused for its shape. But text must be
-    Unicode: an escaped lone surrogate (`"\\ud800"`) can be neither hashed nor stored."""
+def _parse(body: bytes) -> object:
+    """Any JSON: a delivery is never refused for its shape. But text must be Unicode: an
+    escaped lone surrogate (`"\\ud800"`) can be neither hashed nor stored."""
     try:
-        payload = json.loads(body)
-        json.dumps(payload, ensure_ascii=False).encode()
+        payload = json_exact.loads(body)
+        if isinstance(payload, dict) and b"\\u" in body:
+            json.dumps(payload, ensure_ascii=False).encode()
     except (ValueError, UnicodeError, RecursionError):  # nested deeper than parsable too
         raise Refused(400, "invalid_json", "the body is not valid JSON", "validation") from None
     return payload
