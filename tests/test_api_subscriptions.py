@@ -36,6 +36,12 @@ def assert_error(document: dict[str, Any], error_code: str, field_name: str | No
         assert error["message"]
 
 
+async def test_metadata_keeps_integers_past_64_bits(api: Client) -> None:
+    # Written by orjson where it can; this one only the standard library's encoder takes.
+    created = await subscribe(api, {**PACKAGE, "metadata": {"erp_id": 2**70, "note": "ü"}})
+    assert created["metadata"] == {"erp_id": 2**70, "note": "ü"}
+
+
 async def test_subscribe_records_a_pending_subscription(api: Client) -> None:
     body = {
         **PACKAGE,
