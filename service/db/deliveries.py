@@ -90,7 +90,7 @@ async def store_and_file(
     for index, item in enumerate(incoming):
         first_of.setdefault(item.content_sha256, index)
     candidates = [incoming[index] for index in first_of.values()]
-    originals = await _insert_originals(db, candidates)
+    originals, live = await _insert_originals_and_lock(db, candidates)
     is_original = [
         first_of[item.content_sha256] == index and item.content_sha256 in originals
         for index, item in enumerate(incoming)
@@ -102,12 +102,12 @@ async def store_and_file(
         if original
     ]
     copies = [item for item, original in pairs if not original]
-    filed, duplicates = await _file(db, to_file, rearm, copies)
+    filed, duplicates = await _file(db, to_file, rearm, copies, live)
     return [next(filed) if original else next(duplicates) for original in is_original]
 
 
 def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:
-    return Stored(row["id"], update, row["outcome"], row["subscription_id"])
+    return Stored(row["delivery_id"], update, row["outcome"], row["subscription_id"])
 
 
 async def file_stored(
@@ -115,8 +115,14 @@ async def file_stored(
 ) -> list[FiledDelivery]:
     """File stored deliveries against the live subscriptions of their packages (or keep them
     orphans), in the order given; one result per delivery, in that order."""
-    filed, _ = await _file(await driver_connection(conn), deliveries, rearm, copies=())
+    db = await driver_connection(conn)
+    live = await _lock_live(db, {d.update.tracking_number for d in deliveries})
+    filed, _ = await _file(db, deliveries, rearm, (), live)
     return list(filed)
+
+
+# The live subscriptions of a batch's packages, locked, by tracking number.
+_Live = dict[str, list[asyncpg.Record]]
 
 
 class _Change(NamedTuple):
@@ -144,10 +150,10 @@ async def _file(
     deliveries: Sequence[Stored],
     rearm: RearmPolicy,
     copies: Sequence[Incoming],
+    live: _Live,
 ) -> tuple[Iterator[FiledDelivery], Iterator[FiledDelivery]]:
-    """File `deliveries` in order and keep `copies` as duplicates: the results of each, in
-    their order. Everything after the lock is one statement."""
-    live = await _lock_live(db, {d.update.tracking_number for d in deliveries})
+    """File `deliveries` in order against their packages' `live` subscriptions, locked, and
+    keep `copies` as duplicates: the results of each, in their order. One statement."""
     writes = _Writes()
     folded = [_fold(d, _match(live, d.update), writes, rearm) for d in deliveries]
     if writes.marks:
@@ -217,7 +223,7 @@ def _fold(
     return delivery.delivery_id, subscription_id, filing
 
 
-def _match(live: dict[str, list[asyncpg.Record]], update: TrackingUpdate) -> asyncpg.Record | None:
+def _match(live: _Live, update: TrackingUpdate) -> asyncpg.Record | None:
     """The newest live subscription of the package. The carrier code can be missing from a
     delivery; the tracking number alone then decides."""
     candidates = [
@@ -242,15 +248,21 @@ def _package_status(subscription: asyncpg.Record) -> PackageStatus:
     )
 
 
-async def _insert_originals(
+async def _insert_originals_and_lock(
     db: asyncpg.Connection, incoming: list[Incoming]
-) -> dict[bytes, asyncpg.Record]:
-    """Store each as the original of its content unless one is stored already: by content,
-    the rows stored (id, outcome, subscription_id)."""
-    if not incoming:
-        return {}
-    rows = await _INSERT_ORIGINALS.fetch(db, **_delivery_arrays(incoming))
-    return {row["content_sha256"]: row for row in rows}
+) -> tuple[dict[bytes, asyncpg.Record], _Live]:
+    """Store each as the original of its content unless one is stored already, and lock the
+    live subscriptions of the packages of those stored: by content, the rows stored (id,
+    outcome, subscription_id: `_as_stored`), and the locked subscriptions by tracking number."""
+    originals: dict[bytes, asyncpg.Record] = {}
+    live: _Live = collections.defaultdict(list)
+    if incoming:
+        for row in await _INSERT_ORIGINALS_AND_LOCK.fetch(db, **_delivery_arrays(incoming)):
+            if row["kind"] == "original":
+                originals[row["content_sha256"]] = row
+            else:
+                live[row["tracking_number"]].append(row)
+    return originals, live
 
 
 def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
@@ -267,13 +279,10 @@ def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
     }
 
 
-async def _lock_live(
-    db: asyncpg.Connection, tracking_numbers: Iterable[str | None]
-) -> dict[str, list[asyncpg.Record]]:
-    """The live subscriptions of these tracking numbers, locked in id order (so that batches
-    that share subscriptions wait for each other instead of deadlocking)."""
+async def _lock_live(db: asyncpg.Connection, tracking_numbers: Iterable[str | None]) -> _Live:
+    """The live subscriptions of these tracking numbers, locked (`_LIVE`)."""
     numbers = sorted(number for number in tracking_numbers if number is not None)
-    live: dict[str, list[asyncpg.Record]] = collections.defaultdict(list)
+    live: _Live = collections.defaultdict(list)
     if numbers:
         for row in await _LOCK_LIVE.fetch(db, numbers=numbers):
             live[row["tracking_number"]].append(row)
@@ -485,8 +494,7 @@ _DELIVERY_VALUES = (
 # against the live subscription its package has now (read, not locked: repeats must not wait
 # on a row lock), or as an orphan; filing corrects the rare row whose subscription changed
 # before it was locked, so the common row is written once and never updated.
-_INSERT_ORIGINALS = Statement.of(
-    f"""
+_INSERT_ORIGINALS = f"""
     INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
     SELECT {_DELIVERY_VALUES}, CASE WHEN live.id IS NULL THEN 'orphan' ELSE 'filed' END, live.id
     FROM {_DELIVERY_ROWS}
@@ -498,24 +506,49 @@ _INSERT_ORIGINALS = Statement.of(
     ) AS live ON true
     ORDER BY v.ord
     ON CONFLICT (content_sha256, received_week) WHERE outcome IN ('filed', 'orphan') DO NOTHING
-    RETURNING id, content_sha256, outcome, subscription_id
-    """
-)
+    RETURNING id, content_sha256, outcome, subscription_id, tracking_number
+"""
 
+# What filing reads of a subscription, and the lock it takes on it, in id order (so that
+# batches that share subscriptions wait for each other instead of deadlocking).
 # `state <> 'stopped'` is the live-package index's predicate, so the index serves the lookup.
 # NO KEY UPDATE, the lock filing's UPDATE takes anyway: an original inserted by another batch
 # holds its subscription's row in KEY SHARE (the foreign key) until it commits, in the order of
 # its deliveries, and FOR UPDATE would wait on that while holding rows of its own: a deadlock
 # between two API processes given the same deliveries (tests/test_scale_out.py).
-_LOCK_LIVE = Statement.of(
-    """
+_LIVE = """
     SELECT id, carrier_code, tracking_number, created_at, state, done_at, status_code,
            status_description, estimated_delivery_date, actual_delivery_date, last_event_at,
            rearms, next_attempt_at
     FROM subscriptions
-    WHERE tracking_number = ANY(CAST(:numbers AS text[])) AND state <> 'stopped'
+    WHERE tracking_number {packages} AND state <> 'stopped'
     ORDER BY id
     FOR NO KEY UPDATE
+"""
+_LOCK_LIVE = Statement.of(_LIVE.format(packages="= ANY(CAST(:numbers AS text[]))"))
+
+# The receiver's first statement: its originals, then the subscriptions of their packages
+# locked, in one round trip (copies, which lock nothing, are not among them). The rows of both
+# come back as one result, told apart by `kind`.
+_INSERT_ORIGINALS_AND_LOCK = Statement.of(
+    f"""
+    WITH originals AS ({_INSERT_ORIGINALS}),
+    live AS MATERIALIZED ({_LIVE.format(packages="IN (SELECT tracking_number FROM originals)")})
+    SELECT 'original' AS kind, id AS delivery_id, content_sha256, outcome, subscription_id,
+           CAST(NULL AS uuid) AS id, tracking_number, CAST(NULL AS text) AS carrier_code,
+           CAST(NULL AS timestamptz) AS created_at, CAST(NULL AS text) AS state,
+           CAST(NULL AS timestamptz) AS done_at, CAST(NULL AS text) AS status_code,
+           CAST(NULL AS text) AS status_description,
+           CAST(NULL AS timestamptz) AS estimated_delivery_date,
+           CAST(NULL AS timestamptz) AS actual_delivery_date,
+           CAST(NULL AS timestamptz) AS last_event_at, CAST(NULL AS integer) AS rearms,
+           CAST(NULL AS timestamptz) AS next_attempt_at
+    FROM originals
+    UNION ALL
+    SELECT 'live', NULL, NULL, NULL, NULL, id, tracking_number, carrier_code, created_at, state,
+           done_at, status_code, status_description, estimated_delivery_date,
+           actual_delivery_date, last_event_at, rearms, next_attempt_at
+    FROM live
     """
 )
 
