@@ -10,10 +10,13 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.api import app as app_module
 from service.api.app import create_app
 from service.db import partitions
 from service.db.deliveries import Incoming, store_and_file
@@ -186,6 +189,23 @@ async def test_the_api_creates_missing_partitions_when_it_starts(
         await conn.execute(sa.text(f"DROP TABLE {ahead}"))
     async with TestClient(TestServer(create_app(settings))):
         assert ahead in await partitions_of(engine, "webhook_deliveries")
+
+
+async def test_the_api_starts_while_maintenance_waits_and_defers_it(
+    engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "PARTITION_MAINTENANCE_START_S", 0.5)
+    ahead = DELIVERIES.name(DELIVERIES.start_of(NOW) + timedelta(days=14))
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(f"DROP TABLE {ahead}"))
+    async with engine.begin() as holder:
+        # A long query on the table: creating its partition waits (up to its 5 s lock_timeout).
+        await holder.execute(sa.text("LOCK TABLE webhook_deliveries IN ACCESS SHARE MODE"))
+        with structlog.testing.capture_logs() as logs:
+            async with TestClient(TestServer(create_app(settings))) as client:
+                assert (await client.get("/healthz")).status == 200
+        assert "partitions.maintenance_deferred" in [entry["event"] for entry in logs]
+    assert ahead not in await partitions_of(engine, "webhook_deliveries")
 
 
 async def test_the_cli_says_what_it_would_do_and_then_does_it(
