@@ -14,12 +14,15 @@ def is_unavailable(error: BaseException) -> bool:
     while cause is not None:
         if isinstance(
             cause,
-            # OSError covers refused and reset connections, DNS failures and timeouts.
+            # OSError covers refused and reset connections, DNS failures and timeouts; then
+            # the whole connection class (08), the server shutting down, crashed or starting
+            # up (57P01-57P03), and too many connections.
             OSError
+            | asyncpg.exceptions.PostgresConnectionError
+            | asyncpg.exceptions.AdminShutdownError
+            | asyncpg.exceptions.CrashShutdownError
             | asyncpg.exceptions.CannotConnectNowError
-            | asyncpg.exceptions.ConnectionDoesNotExistError
-            | asyncpg.exceptions.TooManyConnectionsError
-            | asyncpg.exceptions.AdminShutdownError,
+            | asyncpg.exceptions.TooManyConnectionsError,
         ):
             return True
         cause = cause.__cause__ or cause.__context__
