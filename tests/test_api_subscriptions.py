@@ -171,6 +171,12 @@ async def test_invalid_subscriptions_get_422_naming_the_field(
     [
         (b"{not json", "application/json", 400, "invalid_field_value"),
         (b"", "application/json", 400, "request_body_required"),
+        (
+            b'{"carrier_code": "ups", "tracking_number": "\\ud800"}',
+            "application/json",
+            400,
+            "invalid_field_value",
+        ),
         (b"[1, 2]", "application/json", 422, "invalid_field_value"),
         (b"carrier_code=ups", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     ],

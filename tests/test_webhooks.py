@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -172,6 +173,17 @@ async def test_a_tracking_number_sent_as_a_json_number_keeps_every_digit(
     assert as_number != body
     answer = await hooks.deliver(as_number)
     assert (answer["outcome"], answer["subscription_id"]) == ("filed", subscription_id)
+
+
+async def test_routine_filings_log_at_debug_and_orphans_at_info(
+    api: Client, hooks: WebhookSender
+) -> None:
+    await subscribe(api)
+    with structlog.testing.capture_logs() as logs:
+        await hooks.deliver(track_body(TRACKING_NUMBER, "stamps_com", 1))
+        await hooks.deliver(track_body("1ZNOBODY", "ups", 1))
+    levels = [(e["outcome"], e["log_level"]) for e in logs if e["event"] == "webhook.delivery"]
+    assert levels == [("filed", "debug"), ("orphan", "info")]
 
 
 async def test_events_with_missing_fields_are_filed(api: Client, hooks: WebhookSender) -> None:

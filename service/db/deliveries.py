@@ -115,6 +115,8 @@ async def file_stored(
 ) -> list[FiledDelivery]:
     """File stored deliveries against the live subscriptions of their packages (or keep them
     orphans), in the order given; one result per delivery, in that order."""
+    if not deliveries:
+        return []  # a new subscription without orphans: no connection work at all
     db = await driver_connection(conn)
     live = await _lock_live(db, {d.update.tracking_number for d in deliveries})
     filed, _ = await _file(db, deliveries, rearm, (), live)
@@ -254,15 +256,11 @@ async def _insert_originals_and_lock(
     """Store each as the original of its content unless one is stored already, and lock the
     live subscriptions of the packages of those stored: by content, the rows stored (id,
     outcome, subscription_id: `_as_stored`), and the locked subscriptions by tracking number."""
-    originals: dict[bytes, asyncpg.Record] = {}
-    live: _Live = collections.defaultdict(list)
-    if incoming:
-        for row in await _INSERT_ORIGINALS_AND_LOCK.fetch(db, **_delivery_arrays(incoming)):
-            if row["kind"] == "original":
-                originals[row["content_sha256"]] = row
-            else:
-                live[row["tracking_number"]].append(row)
-    return originals, live
+    if not incoming:
+        return {}, {}
+    rows = await _INSERT_ORIGINALS_AND_LOCK.fetch(db, **_delivery_arrays(incoming))
+    originals = {row["content_sha256"]: row for row in rows if row["kind"] == "original"}
+    return originals, _by_package(row for row in rows if row["kind"] == "live")
 
 
 def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
@@ -282,10 +280,13 @@ def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
 async def _lock_live(db: asyncpg.Connection, tracking_numbers: Iterable[str | None]) -> _Live:
     """The live subscriptions of these tracking numbers, locked (`_LIVE`)."""
     numbers = sorted(number for number in tracking_numbers if number is not None)
+    return _by_package(await _LOCK_LIVE.fetch(db, numbers=numbers) if numbers else ())
+
+
+def _by_package(rows: Iterable[asyncpg.Record]) -> _Live:
     live: _Live = collections.defaultdict(list)
-    if numbers:
-        for row in await _LOCK_LIVE.fetch(db, numbers=numbers):
-            live[row["tracking_number"]].append(row)
+    for row in rows:
+        live[row["tracking_number"]].append(row)
     return live
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service import json_exact
 from service.db.deliveries import adopt_orphans
 from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
@@ -156,17 +155,13 @@ async def _insert_new(conn: AsyncConnection, news: Sequence[NewSubscription]) ->
         "tracking_numbers": [new.tracking_number for new in news],
         "carrier_ids": [new.carrier_id for new in news],
         "references": [new.reference for new in news],
-        "metadata": [None if new.metadata is None else _json_text(new.metadata) for new in news],
+        "metadata": [
+            None if new.metadata is None else json_exact.dumps(new.metadata).decode()
+            for new in news
+        ],
         "created_bys": [new.created_by for new in news],
     }
     return list((await conn.execute(_INSERT_NEW, arrays)).mappings())
-
-
-def _json_text(value: dict[str, Any]) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:  # integers past 64 bits, which only the standard one writes
-        return json.dumps(value)
 
 
 async def _find_live_many(

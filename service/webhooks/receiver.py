@@ -19,8 +19,6 @@ Refusals are answered at once and kept (with a capped body) so ops can see them:
 
 from __future__ import annotations
 
-import json
-
 import orjson
 import structlog
 from aiohttp import web
@@ -149,15 +147,11 @@ def _payload(request: web.Request, body: bytes) -> dict[str, object]:
 
 
 def _parse(body: bytes) -> object:
-    """Any JSON: a delivery is never refused for its shape. But text must be Unicode: an
-    escaped lone surrogate (`"\\ud800"`) can be neither hashed nor stored."""
+    """Any JSON (a delivery is never refused for its shape), its text Unicode."""
     try:
-        payload = json_exact.loads(body)
-        if isinstance(payload, dict) and b"\\u" in body:
-            json.dumps(payload, ensure_ascii=False).encode()
-    except (ValueError, UnicodeError, RecursionError):  # nested deeper than parsable too
+        return json_exact.loads(body)
+    except (ValueError, RecursionError):  # nested deeper than parsable too
         raise Refused(400, "invalid_json", "the body is not valid JSON", "validation") from None
-    return payload
 
 
 async def _record_refusal(
