@@ -2,27 +2,28 @@
 
 orjson parses several times faster than the standard library, but reads an integer outside
 64 bits as a float, silently: a USPS tracking number sent as a JSON number (22 digits) would
-come out as 9.405511899223197e+21. Such integers have at least 19 digits in a row, which a
-regular expression finds in a microsecond; bodies with them, and what orjson refuses but is
-JSON all the same (NaN, which the standard library accepts), go to the standard library.
+come out as 9.405511899223197e+21. Such integers have at least 19 digits in a row, found in a
+microsecond by mapping every digit to "0" and searching for nineteen of them (a regular
+expression took five times orjson's whole parse); bodies with them, and what orjson refuses but
+is JSON all the same (NaN, which the standard library accepts), go to the standard library.
 Writing, orjson refuses those integers outright, and the standard library writes them.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGITS = b"0" * 19
 
 
 def loads(raw: bytes) -> object:
     """Raises ValueError (and RecursionError, for nesting too deep) as json.loads does; also
     for text escaping a lone surrogate (`"\\ud800"`), which can be neither hashed nor stored."""
-    if _LONG_DIGITS.search(raw) is None:
+    if _LONG_DIGITS not in raw.translate(_DIGITS_TO_ZERO):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

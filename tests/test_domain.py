@@ -19,7 +19,7 @@ from service.domain.subscriptions import (
     Transition,
     transition,
 )
-from service.domain.tracking import content_digest, parse_track_payload, text, timestamp
+from service.domain.tracking import content_digest, number, parse_track_payload, text, timestamp
 from service.shipengine.classification import ERROR_CODES
 from service.shipengine.client import classify
 from tests.payloads import track_body
@@ -60,6 +60,24 @@ class TestParsing:
     )
     def test_text(self, value: object, expected: str | None) -> None:
         assert text(value) == expected
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (-85.76, -85.76),
+            (38, 38.0),
+            ("35.1", 35.1),
+            ("NaN", None),
+            ("-inf", None),
+            (float("inf"), None),
+            (10**400, None),
+            ("north", None),
+            (True, None),
+            ([1.0], None),
+        ],
+    )
+    def test_number_is_finite_or_none(self, value: object, expected: float | None) -> None:
+        assert number(value) == expected
 
     @pytest.mark.parametrize(
         ("value", "expected"),

@@ -201,6 +201,21 @@ async def test_events_with_missing_fields_are_filed(api: Client, hooks: WebhookS
     assert {event["latitude"] for event in events} == {None, 35.1}
 
 
+async def test_event_text_is_stored_exactly_as_sent(api: Client, hooks: WebhookSender) -> None:
+    subscription_id = await subscribe(api)
+    # What JSON escapes, and what it need not: quotes, a backslash, control and line
+    # separators, accents, CJK, an emoji; and a NUL, which PostgreSQL's text cannot hold.
+    tricky = 'Left at "back door" \\ C:\\box\n\tNachbar: Müller 東京 \u2028 📦 end\u0000'
+    body = track_body(TRACKING_NUMBER, "stamps_com", 0)
+    body["data"]["events"] = [
+        {"occurred_at": "2026-11-20T09:00:00Z", "description": tricky, "city_locality": "\\"},
+    ]
+    await hooks.deliver(body)
+    [event] = await events_of(api, subscription_id)
+    assert event["description"] == tricky.replace("\u0000", "").strip()
+    assert event["city_locality"] == "\\"
+
+
 @pytest.mark.parametrize(
     ("data", "content_type", "status", "reason"),
     [

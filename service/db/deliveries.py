@@ -6,9 +6,10 @@ events are stored once, a status never moves back in time, so filing anything ag
 
 It is also set-based: many deliveries (those a receiver commits together, the orphans a new
 subscription adopts) cost the same few statements as one. Each statement takes its rows as
-arrays and `unnest`s them, so its text never changes with the number of rows and PostgreSQL
-prepares it once. The deliveries of a batch are filed in the order given, each against its
-subscription as the ones before left it, exactly as if they had come one by one.
+one JSON parameter (`db/driver.py` says why), so its text never changes with the number of
+rows and PostgreSQL prepares it once. The deliveries of a batch are filed in the order given,
+each against its subscription as the ones before left it, exactly as if they had come one by
+one.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.driver import Statement, driver_connection
+from service.db.driver import Statement, bytea_text, driver_connection, json_rows
 from service.db.tables import RECEIVED_WEEK, webhook_deliveries
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import (
@@ -128,8 +128,10 @@ _Live = dict[str, list[asyncpg.Record]]
 
 
 class _Change(NamedTuple):
+    """A row of status_changes, named as its columns."""
+
     subscription_id: uuid.UUID
-    previous: str | None
+    previous_status_code: str | None
     status_code: str | None
     occurred_at: datetime | None
     delivery_id: int
@@ -144,7 +146,7 @@ class _Writes:
     )
     shown: dict[uuid.UUID, PackageStatus] = dataclasses.field(default_factory=dict)
     changes: list[_Change] = dataclasses.field(default_factory=list)
-    marks: list[tuple[int, str, uuid.UUID | None]] = dataclasses.field(default_factory=list)
+    marks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 async def _file(
@@ -159,19 +161,19 @@ async def _file(
     writes = _Writes()
     folded = [_fold(d, _match(live, d.update), writes, rearm) for d in deliveries]
     if writes.marks:
-        await _MARK.fetch(db, **_mark_arrays(writes.marks))
-    new_events: collections.Counter[int] = collections.Counter()
+        await _MARK.fetch(db, marks=json_rows(writes.marks))
+    new_events: dict[int, int] = {}
     duplicates: list[FiledDelivery] = []
     if writes.events or writes.shown or copies:
         rows = await _WRITE_FILINGS.fetch(
             db,
-            **_event_arrays(writes.events),
-            **_status_arrays(writes.shown),
+            events=_event_rows(writes.events),
+            statuses=_status_rows(writes.shown),
             rearm_delay_s=rearm.delay_s,
-            **_change_arrays(writes.changes),
-            **_delivery_arrays(copies),
+            changes=json_rows([change._asdict() for change in writes.changes]),
+            **_delivery_parameters(copies),
         )
-        new_events.update(row["id"] for row in rows if row["kind"] == "event")
+        new_events = {row["id"]: row["events"] for row in rows if row["kind"] == "event"}
         # Identities are drawn in the order rows are inserted, which is the order given.
         copied = sorted((r["id"], r["subscription_id"]) for r in rows if r["kind"] == "copy")
         duplicates = [FiledDelivery(id_, "duplicate", sub) for id_, sub in copied]
@@ -180,7 +182,7 @@ async def _file(
             delivery_id,
             "filed",
             subscription_id,
-            new_events=new_events[delivery_id],
+            new_events=new_events.get(delivery_id, 0),
             status_changed=filing.changed,
             regression=filing.regression,
             rearmed=filing.rearmed,
@@ -198,7 +200,7 @@ def _fold(
     """File one delivery against what its subscription shows after the batch's earlier ones."""
     if subscription is None:
         if delivery.outcome not in (None, "orphan"):
-            writes.marks.append((delivery.delivery_id, "orphan", None))
+            writes.marks.append(_mark(delivery.delivery_id, "orphan", None))
         return delivery.delivery_id, None, None
     subscription_id: uuid.UUID = subscription["id"]
     for event in delivery.update.events:
@@ -221,7 +223,7 @@ def _fold(
         "filed",
         subscription_id,
     ):
-        writes.marks.append((delivery.delivery_id, "filed", subscription_id))
+        writes.marks.append(_mark(delivery.delivery_id, "filed", subscription_id))
     return delivery.delivery_id, subscription_id, filing
 
 
@@ -244,9 +246,8 @@ def _package_status(subscription: asyncpg.Record) -> PackageStatus:
         actual_delivery_date=subscription["actual_delivery_date"],
         last_event_at=subscription["last_event_at"],
         rearms=subscription["rearms"],
-        rearm_due=subscription["next_attempt_at"] is not None,
-        rearmable=subscription["state"] == SubscriptionState.ACTIVE.value
-        and subscription["done_at"] is None,
+        rearm_due=subscription["rearm_due"],
+        rearmable=subscription["rearmable"],
     )
 
 
@@ -258,23 +259,26 @@ async def _insert_originals_and_lock(
     outcome, subscription_id: `_as_stored`), and the locked subscriptions by tracking number."""
     if not incoming:
         return {}, {}
-    rows = await _INSERT_ORIGINALS_AND_LOCK.fetch(db, **_delivery_arrays(incoming))
+    rows = await _INSERT_ORIGINALS_AND_LOCK.fetch(db, **_delivery_parameters(incoming))
     originals = {row["content_sha256"]: row for row in rows if row["kind"] == "original"}
     return originals, _by_package(row for row in rows if row["kind"] == "live")
 
 
-def _delivery_arrays(incoming: Sequence[Incoming]) -> dict[str, list[Any]]:
-    return {
-        "headers": [orjson.dumps(item.headers).decode() for item in incoming],
-        "bodies": [item.body for item in incoming],
-        "body_sha256s": [hashlib.sha256(item.body).digest() for item in incoming],
-        "contents": [item.content_sha256 for item in incoming],
-        "resource_types": [item.update.resource_type for item in incoming],
-        "carrier_codes": [item.update.carrier_code for item in incoming],
-        "tracking_numbers": [item.update.tracking_number for item in incoming],
-        "sources": [item.source for item in incoming],
-        "verifications": [item.verification for item in incoming],
-    }
+def _delivery_parameters(incoming: Sequence[Incoming]) -> dict[str, Any]:
+    """`_DELIVERY_ROWS`' parameters: the bodies, which can be large, stay bytes."""
+    rows = [
+        {
+            "headers": item.headers,
+            "content_sha256": bytea_text(item.content_sha256),
+            "resource_type": item.update.resource_type,
+            "carrier_code": item.update.carrier_code,
+            "tracking_number": item.update.tracking_number,
+            "source": item.source,
+            "verification": item.verification,
+        }
+        for item in incoming
+    ]
+    return {"deliveries": json_rows(rows), "bodies": [item.body for item in incoming]}
 
 
 async def _lock_live(db: asyncpg.Connection, tracking_numbers: Iterable[str | None]) -> _Live:
@@ -290,59 +294,45 @@ def _by_package(rows: Iterable[asyncpg.Record]) -> _Live:
     return live
 
 
-def _event_arrays(
+def _event_rows(
     events: dict[tuple[uuid.UUID, bytes], tuple[datetime, int, TrackEvent]],
-) -> dict[str, list[Any]]:
-    columns: dict[str, list[Any]] = {
-        "subscription_ids": [],
-        "subscription_created_ats": [],
-        "event_keys": [],
-        "event_delivery_ids": [],
-        **{f"event_{field}s": [] for field in _EVENT_FIELDS},
-    }
-    for (subscription_id, key), (created_at, delivery_id, event) in events.items():
-        columns["subscription_ids"].append(subscription_id)
-        columns["subscription_created_ats"].append(created_at)
-        columns["event_keys"].append(key)
-        columns["event_delivery_ids"].append(delivery_id)
-        for field in _EVENT_FIELDS:
-            columns[f"event_{field}s"].append(getattr(event, field))
-    return columns
+) -> str:
+    return json_rows(
+        [
+            {
+                "subscription_id": subscription_id,
+                "subscription_created_at": created_at,
+                "event_key": bytea_text(key),
+                "delivery_id": delivery_id,
+                **event._asdict(),
+            }
+            for (subscription_id, key), (created_at, delivery_id, event) in events.items()
+        ]
+    )
 
 
-def _status_arrays(shown: dict[uuid.UUID, PackageStatus]) -> dict[str, list[Any]]:
+def _status_rows(shown: dict[uuid.UUID, PackageStatus]) -> str:
     """What each subscription shows after the batch; its row is locked, so the values
     computed here are the ones to keep."""
-    statuses = list(shown.values())
-    return {
-        "status_ids": list(shown),
-        "status_codes": [s.status_code for s in statuses],
-        "status_descriptions": [s.status_description for s in statuses],
-        "estimated": [s.estimated_delivery_date for s in statuses],
-        "actual": [s.actual_delivery_date for s in statuses],
-        "last_event_ats": [s.last_event_at for s in statuses],
-        "rearms": [s.rearms for s in statuses],
-        "rearm_dues": [s.rearm_due for s in statuses],
-    }
+    return json_rows(
+        [
+            {
+                "id": subscription_id,
+                "status_code": status.status_code,
+                "status_description": status.status_description,
+                "estimated_delivery_date": status.estimated_delivery_date,
+                "actual_delivery_date": status.actual_delivery_date,
+                "last_event_at": status.last_event_at,
+                "rearms": status.rearms,
+                "rearm_due": status.rearm_due,
+            }
+            for subscription_id, status in shown.items()
+        ]
+    )
 
 
-def _change_arrays(changes: list[_Change]) -> dict[str, list[Any]]:
-    return {
-        "change_subscription_ids": [c.subscription_id for c in changes],
-        "change_previous": [c.previous for c in changes],
-        "change_status_codes": [c.status_code for c in changes],
-        "change_occurred_ats": [c.occurred_at for c in changes],
-        "change_delivery_ids": [c.delivery_id for c in changes],
-    }
-
-
-def _mark_arrays(marks: list[tuple[int, str, uuid.UUID | None]]) -> dict[str, list[Any]]:
-    ids, outcomes, subscription_ids = zip(*marks, strict=True)
-    return {
-        "ids": list(ids),
-        "outcomes": list(outcomes),
-        "subscription_ids": list(subscription_ids),
-    }
+def _mark(delivery_id: int, outcome: str, subscription_id: uuid.UUID | None) -> dict[str, Any]:
+    return {"id": delivery_id, "outcome": outcome, "subscription_id": subscription_id}
 
 
 async def record_refusal(
@@ -471,22 +461,24 @@ async def replay_one(
     return replayed[0] if replayed else None
 
 
-# The webhook path's statements. Rows come as arrays, so the text is the same for one row or a
-# thousand: PostgreSQL prepares it once. Sent to asyncpg directly (`db/driver.py`).
+# The webhook path's statements. Rows come as one JSON parameter, so the text is the same for
+# one row or a thousand: PostgreSQL prepares it once. Sent to asyncpg directly (`db/driver.py`).
+# A delivery's row (`_delivery_parameters`) and its body, side by side, in the order given.
 _DELIVERY_ROWS = """
-    unnest(CAST(:headers AS text[]), CAST(:bodies AS bytea[]), CAST(:body_sha256s AS bytea[]),
-           CAST(:contents AS bytea[]), CAST(:resource_types AS text[]),
-           CAST(:carrier_codes AS text[]), CAST(:tracking_numbers AS text[]),
-           CAST(:sources AS text[]), CAST(:verifications AS text[]))
-        WITH ORDINALITY AS v(headers, body, body_sha256, content_sha256, resource_type,
-                             carrier_code, tracking_number, source, verification, ord)
+    ROWS FROM (
+        json_to_recordset(CAST(:deliveries AS json)) AS (
+            headers jsonb, content_sha256 bytea, resource_type text, carrier_code text,
+            tracking_number text, source text, verification text),
+        unnest(CAST(:bodies AS bytea[]))
+    ) WITH ORDINALITY AS v(headers, content_sha256, resource_type, carrier_code,
+                           tracking_number, source, verification, body, ord)
 """
 _DELIVERY_COLUMNS = (
     "headers, body, body_sha256, content_sha256, resource_type, carrier_code, tracking_number, "
     "source, verification, outcome"
 )
 _DELIVERY_VALUES = (
-    "CAST(v.headers AS jsonb), v.body, v.body_sha256, v.content_sha256, v.resource_type, "
+    "v.headers, v.body, sha256(v.body), v.content_sha256, v.resource_type, "
     "v.carrier_code, v.tracking_number, v.source, v.verification"
 )
 
@@ -510,63 +502,73 @@ _INSERT_ORIGINALS = f"""
     RETURNING id, content_sha256, outcome, subscription_id, tracking_number
 """
 
-# What filing reads of a subscription, and the lock it takes on it, in id order (so that
-# batches that share subscriptions wait for each other instead of deadlocking).
+# What filing reads of a subscription (`_package_status`), and the lock it takes on it, in id
+# order (so that batches that share subscriptions wait for each other instead of deadlocking).
 # `state <> 'stopped'` is the live-package index's predicate, so the index serves the lookup.
 # NO KEY UPDATE, the lock filing's UPDATE takes anyway: an original inserted by another batch
 # holds its subscription's row in KEY SHARE (the foreign key) until it commits, in the order of
 # its deliveries, and FOR UPDATE would wait on that while holding rows of its own: a deadlock
 # between two API processes given the same deliveries (tests/test_scale_out.py).
 _LIVE = """
-    SELECT id, carrier_code, tracking_number, created_at, state, done_at, status_code,
-           status_description, estimated_delivery_date, actual_delivery_date, last_event_at,
-           rearms, next_attempt_at
+    SELECT id, carrier_code, tracking_number, created_at, status_code, status_description,
+           estimated_delivery_date, actual_delivery_date, last_event_at, rearms,
+           next_attempt_at IS NOT NULL AS rearm_due,
+           state = '{active}' AND done_at IS NULL AS rearmable
     FROM subscriptions
     WHERE tracking_number {packages} AND state <> 'stopped'
     ORDER BY id
     FOR NO KEY UPDATE
 """
-_LOCK_LIVE = Statement.of(_LIVE.format(packages="= ANY(CAST(:numbers AS text[]))"))
+_LOCK_LIVE = Statement.of(
+    _LIVE.format(packages="= ANY(CAST(:numbers AS text[]))", active=SubscriptionState.ACTIVE)
+)
 
 # The receiver's first statement: its originals, then the subscriptions of their packages
 # locked, in one round trip (copies, which lock nothing, are not among them). The rows of both
 # come back as one result, told apart by `kind`.
+# Rows read from JSON are matched to a table through `= ANY(ARRAY(...))`, here and below: the
+# planner cannot count JSON's rows (it assumes 100), and against a small table it would rather
+# read all of it than probe its index 100 times (a whole scan of 10,000 subscriptions for every
+# batch, seen in the plans); an array of unknown length it assumes short.
+_LIVE_OF_ORIGINALS = _LIVE.format(
+    packages="= ANY(ARRAY(SELECT tracking_number FROM originals))", active=SubscriptionState.ACTIVE
+)
 _INSERT_ORIGINALS_AND_LOCK = Statement.of(
     f"""
     WITH originals AS ({_INSERT_ORIGINALS}),
-    live AS MATERIALIZED ({_LIVE.format(packages="IN (SELECT tracking_number FROM originals)")})
+    live AS MATERIALIZED ({_LIVE_OF_ORIGINALS})
     SELECT 'original' AS kind, id AS delivery_id, content_sha256, outcome, subscription_id,
            CAST(NULL AS uuid) AS id, tracking_number, CAST(NULL AS text) AS carrier_code,
-           CAST(NULL AS timestamptz) AS created_at, CAST(NULL AS text) AS state,
-           CAST(NULL AS timestamptz) AS done_at, CAST(NULL AS text) AS status_code,
+           CAST(NULL AS timestamptz) AS created_at, CAST(NULL AS text) AS status_code,
            CAST(NULL AS text) AS status_description,
            CAST(NULL AS timestamptz) AS estimated_delivery_date,
            CAST(NULL AS timestamptz) AS actual_delivery_date,
            CAST(NULL AS timestamptz) AS last_event_at, CAST(NULL AS integer) AS rearms,
-           CAST(NULL AS timestamptz) AS next_attempt_at
+           CAST(NULL AS boolean) AS rearm_due, CAST(NULL AS boolean) AS rearmable
     FROM originals
     UNION ALL
-    SELECT 'live', NULL, NULL, NULL, NULL, id, tracking_number, carrier_code, created_at, state,
-           done_at, status_code, status_description, estimated_delivery_date,
-           actual_delivery_date, last_event_at, rearms, next_attempt_at
+    SELECT 'live', NULL, NULL, NULL, NULL, id, tracking_number, carrier_code, created_at,
+           status_code, status_description, estimated_delivery_date, actual_delivery_date,
+           last_event_at, rearms, rearm_due, rearmable
     FROM live
     """
 )
 
 _MARK = Statement.of(
     """
+    WITH marks AS (
+        SELECT * FROM json_to_recordset(CAST(:marks AS json))
+            AS v(id bigint, outcome text, subscription_id uuid)
+    )
     UPDATE webhook_deliveries AS d SET outcome = v.outcome, subscription_id = v.subscription_id
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:outcomes AS text[]),
-                CAST(:subscription_ids AS uuid[])) AS v(id, outcome, subscription_id)
-    WHERE d.id = v.id
+    FROM marks AS v
+    WHERE d.id = ANY(ARRAY(SELECT id FROM marks)) AND d.id = v.id
     """
 )
 
-_EVENT_FIELDS = tuple(field.name for field in dataclasses.fields(TrackEvent))
+_EVENT_FIELDS = TrackEvent._fields
 _EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude": "float8"}
-_EVENT_ARRAYS = ", ".join(
-    f"CAST(:event_{field}s AS {_EVENT_TYPES.get(field, 'text')}[])" for field in _EVENT_FIELDS
-)
+_EVENT_COLUMNS = ", ".join(f"{field} {_EVENT_TYPES.get(field, 'text')}" for field in _EVENT_FIELDS)
 
 # Everything a batch writes once its subscriptions are locked, in one statement (each round
 # trip cost the receiver more CPU than its rows did): the events the subscriptions lack, what
@@ -576,22 +578,26 @@ _EVENT_ARRAYS = ", ".join(
 # same snapshot changes nothing; the copies' originals were inserted by an earlier statement.
 _WRITE_FILINGS = Statement.of(
     f"""
-    WITH new_events AS (
+    WITH shown AS (
+        SELECT * FROM json_to_recordset(CAST(:statuses AS json)) AS v(
+            id uuid, status_code text, status_description text,
+            estimated_delivery_date timestamptz, actual_delivery_date timestamptz,
+            last_event_at timestamptz, rearms integer, rearm_due boolean)
+    ), new_events AS (
         INSERT INTO tracking_events
             (subscription_id, subscription_created_at, event_key, delivery_id,
              {", ".join(_EVENT_FIELDS)})
-        SELECT * FROM unnest(
-            CAST(:subscription_ids AS uuid[]), CAST(:subscription_created_ats AS timestamptz[]),
-            CAST(:event_keys AS bytea[]), CAST(:event_delivery_ids AS bigint[]),
-            {_EVENT_ARRAYS})
+        SELECT * FROM json_to_recordset(CAST(:events AS json)) AS v(
+            subscription_id uuid, subscription_created_at timestamptz, event_key bytea,
+            delivery_id bigint, {_EVENT_COLUMNS})
         ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
         RETURNING delivery_id
     ), statuses AS (
         UPDATE subscriptions AS s
         SET status_code = v.status_code,
             status_description = v.status_description,
-            estimated_delivery_date = v.estimated,
-            actual_delivery_date = v.actual,
+            estimated_delivery_date = v.estimated_delivery_date,
+            actual_delivery_date = v.actual_delivery_date,
             last_event_at = v.last_event_at,
             rearms = v.rearms,
             -- A restart of tracking after an EX: due after the delay.
@@ -601,20 +607,14 @@ _WRITE_FILINGS = Statement.of(
                 ELSE s.next_attempt_at END,
             last_heard_at = now(),
             updated_at = now()
-        FROM unnest(CAST(:status_ids AS uuid[]), CAST(:status_codes AS text[]),
-                    CAST(:status_descriptions AS text[]), CAST(:estimated AS timestamptz[]),
-                    CAST(:actual AS timestamptz[]), CAST(:last_event_ats AS timestamptz[]),
-                    CAST(:rearms AS integer[]), CAST(:rearm_dues AS boolean[]))
-            AS v(id, status_code, status_description, estimated, actual, last_event_at, rearms,
-                 rearm_due)
-        WHERE s.id = v.id
+        FROM shown AS v
+        WHERE s.id = ANY(ARRAY(SELECT id FROM shown)) AND s.id = v.id
     ), changes AS (
         INSERT INTO status_changes
             (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
-        SELECT * FROM unnest(
-            CAST(:change_subscription_ids AS uuid[]), CAST(:change_previous AS text[]),
-            CAST(:change_status_codes AS text[]), CAST(:change_occurred_ats AS timestamptz[]),
-            CAST(:change_delivery_ids AS bigint[]))
+        SELECT * FROM json_to_recordset(CAST(:changes AS json)) AS v(
+            subscription_id uuid, previous_status_code text, status_code text,
+            occurred_at timestamptz, delivery_id bigint)
     ), copies AS (
         INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
         SELECT {_DELIVERY_VALUES}, 'duplicate',
@@ -624,9 +624,10 @@ _WRITE_FILINGS = Statement.of(
         FROM {_DELIVERY_ROWS} ORDER BY v.ord
         RETURNING id, subscription_id
     )
-    SELECT 'event' AS kind, delivery_id AS id, CAST(NULL AS uuid) AS subscription_id
-    FROM new_events
+    SELECT 'event' AS kind, delivery_id AS id, CAST(NULL AS uuid) AS subscription_id,
+           count(*) AS events
+    FROM new_events GROUP BY delivery_id
     UNION ALL
-    SELECT 'copy', id, subscription_id FROM copies
+    SELECT 'copy', id, subscription_id, 0 FROM copies
     """
 )

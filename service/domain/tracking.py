@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from service import json_exact
@@ -35,8 +36,10 @@ _EVENT_TEXT_FIELDS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackEvent:
+class TrackEvent(NamedTuple):
+    """A NamedTuple, not a frozen dataclass: as immutable, and built four times faster (a
+    delivery carries the package's whole history, each event parsed on every delivery)."""
+
     occurred_at: datetime | None
     carrier_occurred_at: str | None
     status_code: str | None
@@ -69,11 +72,6 @@ class TrackEvent:
             self.country_code or "",
         ]
         return hashlib.sha256("\x1f".join(parts).encode()).digest()
-
-    def as_row(self) -> dict[str, Any]:
-        row = dataclasses.asdict(self)
-        row["event_key"] = self.key
-        return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,25 +137,25 @@ def _resource_query(resource_url: object) -> dict[str, str]:
 def text(value: object) -> str | None:
     """A non-empty string, or None; numbers become their text. NUL characters are dropped:
     PostgreSQL's text cannot hold them, and a delivery is never refused for its shape."""
+    if isinstance(value, str):  # nearly always: first, as this runs for every field of every event
+        return (value.replace("\x00", "") if "\x00" in value else value).strip() or None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
         return str(value)
-    if isinstance(value, str):
-        return value.replace("\x00", "").strip() or None
     return None
 
 
 def number(value: object) -> float | None:
+    """A finite number, or None: "NaN" and "inf" read as floats, but say nothing of a place."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, int | float | str):
         try:
-            return float(value)
-        except ValueError:
+            parsed = float(value)
+        except (ValueError, OverflowError):  # an integer past float's range overflows
             return None
+        return parsed if math.isfinite(parsed) else None
     return None
 
 
