@@ -12,6 +12,7 @@ Writing, orjson refuses those integers outright, and the standard library writes
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -34,11 +35,18 @@ def loads(raw: bytes) -> object:
     return value
 
 
-def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
+def dumps(
+    value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] | None = None
+) -> bytes:
     """Compact UTF-8 JSON; the same bytes from either library (but for the rare float orjson
-    writes otherwise: 1e16 against 1e+16)."""
+    writes otherwise: 1e16 against 1e+16). `default` serves what neither writes itself; orjson
+    writes UUIDs and datetimes itself, the standard library asks `default` for them."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+        return orjson.dumps(
+            value, default=default, option=orjson.OPT_SORT_KEYS if sort_keys else None
+        )
     except orjson.JSONEncodeError:  # integers past 64 bits
-        text = json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(
+            value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False, default=default
+        )
         return text.encode("utf-8", "surrogatepass")

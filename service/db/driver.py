@@ -20,11 +20,13 @@ import dataclasses
 import re
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service import json_exact
 
 
 async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
@@ -74,18 +76,23 @@ _NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 def json_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     """Rows for `json_to_recordset(CAST(:param AS json)) AS v(column type, ...)`, which finds
-    each column by its key. Values are JSON's, UUIDs and aware datetimes (as RFC 3339 text),
-    and bytes as `bytea_text`; a float that is not finite would become null."""
-    return orjson.dumps(rows, default=_uuid_text).decode()
-
-
-def _uuid_text(value: object) -> str:
-    """asyncpg's UUID (what it reads) is a uuid.UUID, but not the class orjson writes."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not for json_rows")
+    each column by its key. Values are JSON's (integers of any size), UUIDs and aware
+    datetimes (as RFC 3339 text), and bytes as `bytea_text`; a float that is not finite would
+    become null."""
+    return json_exact.dumps(rows, default=_json_text).decode()
 
 
 def bytea_text(value: bytes) -> str:
     """`value` in bytea's hex input format, for a bytea column of `json_rows`."""
     return "\\x" + value.hex()
+
+
+def _json_text(value: object) -> str:
+    """What orjson does not write itself: asyncpg's UUID (a uuid.UUID, but not the class orjson
+    knows); and, for the standard library (rows with an integer past 64 bits), any UUID and
+    datetime, written as orjson writes them."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not for json_rows")

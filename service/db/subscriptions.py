@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service import json_exact
 from service.db.deliveries import adopt_orphans
+from service.db.driver import json_rows
 from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import RearmPolicy
@@ -125,23 +125,25 @@ async def create_subscriptions(
     return results
 
 
-# One statement text whatever the number of rows: the rows go as arrays (`unnest`), so
-# SQLAlchemy compiles it once and binds six parameters, not six per row. Its "insertmanyvalues"
-# form bound and processed each row's values one by one: a quarter of the API's CPU in a batch
-# of 1,000 (py-spy, `python -m bench subscribe --only bulk --profile`). The conflict target
-# names the live-package index by its predicate, as ON CONFLICT requires.
+# One statement text whatever the number of rows: the rows go as one JSON parameter
+# (`db/driver.py` says why), so SQLAlchemy compiles it once and binds one parameter, not six per
+# row. Its "insertmanyvalues" form bound and processed each row's values one by one: a quarter
+# of the API's CPU in a batch of 1,000 (py-spy, `python -m bench subscribe --only bulk
+# --profile`). The conflict target names the live-package index by its predicate, as ON
+# CONFLICT requires.
 _INSERT_NEW = sa.text(
     f"""
     INSERT INTO subscriptions
         (carrier_code, tracking_number, carrier_id, reference, metadata, created_by, state,
          next_attempt_at)
-    SELECT v.carrier_code, v.tracking_number, v.carrier_id, v.reference,
-           CAST(v.metadata AS jsonb), v.created_by, '{SubscriptionState.PENDING.value}', now()
-    FROM unnest(CAST(:carrier_codes AS text[]), CAST(:tracking_numbers AS text[]),
-                CAST(:carrier_ids AS text[]), CAST(:references AS text[]),
-                CAST(:metadata AS text[]), CAST(:created_bys AS text[]))
-        WITH ORDINALITY AS v(carrier_code, tracking_number, carrier_id, reference, metadata,
-                             created_by, ord)
+    SELECT v.carrier_code, v.tracking_number, v.carrier_id, v.reference, v.metadata,
+           v.created_by, '{SubscriptionState.PENDING.value}', now()
+    FROM ROWS FROM (
+        json_to_recordset(CAST(:rows AS json)) AS (
+            carrier_code text, tracking_number text, carrier_id text, reference text,
+            metadata jsonb, created_by text)
+    ) WITH ORDINALITY AS v(carrier_code, tracking_number, carrier_id, reference, metadata,
+                           created_by, ord)
     ORDER BY v.ord
     ON CONFLICT (tracking_number, carrier_code) WHERE {LIVE_INDEX_PREDICATE.text} DO NOTHING
     RETURNING {", ".join(column.name for column in PUBLIC_COLUMNS)}
@@ -150,18 +152,18 @@ _INSERT_NEW = sa.text(
 
 
 async def _insert_new(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[RowMapping]:
-    arrays = {
-        "carrier_codes": [new.carrier_code for new in news],
-        "tracking_numbers": [new.tracking_number for new in news],
-        "carrier_ids": [new.carrier_id for new in news],
-        "references": [new.reference for new in news],
-        "metadata": [
-            None if new.metadata is None else json_exact.dumps(new.metadata).decode()
-            for new in news
-        ],
-        "created_bys": [new.created_by for new in news],
-    }
-    return list((await conn.execute(_INSERT_NEW, arrays)).mappings())
+    rows = [
+        {
+            "carrier_code": new.carrier_code,
+            "tracking_number": new.tracking_number,
+            "carrier_id": new.carrier_id,
+            "reference": new.reference,
+            "metadata": new.metadata,
+            "created_by": new.created_by,
+        }
+        for new in news
+    ]
+    return list((await conn.execute(_INSERT_NEW, {"rows": json_rows(rows)})).mappings())
 
 
 async def _find_live_many(
