@@ -336,6 +336,26 @@ async def test_an_exception_rearms_tracking_a_limited_number_of_times(
     assert state["state"] == "active"
 
 
+@pytest.mark.parametrize(
+    "where_it_stands",
+    ["state = 'active', done_at = now()", "state = 'failed'"],
+    ids=["done", "failed"],
+)
+async def test_an_exception_rearms_only_an_active_subscription_not_done(
+    api: Client, hooks: WebhookSender, engine: AsyncEngine, where_it_stands: str
+) -> None:
+    await subscribe(api)
+    await rows(engine, f"UPDATE subscriptions SET {where_it_stands}, next_attempt_at = NULL")
+    body = track_body(NUMBER, "stamps_com", 1)
+    body["data"]["status_code"] = "EX"
+    body["data"]["events"].insert(0, event("2026-11-21T10:00:00Z", "EX", "Exception"))
+    await hooks.deliver(body)
+    ((due, rearms, status),) = await rows(
+        engine, "SELECT next_attempt_at IS NOT NULL, rearms, status_code FROM subscriptions"
+    )
+    assert (due, rearms, status) == (False, 0, "EX")
+
+
 async def test_a_batch_adopts_orphans_too(api: Client, hooks: WebhookSender) -> None:
     await hooks.deliver(track_body(NUMBER, "stamps_com", 2))
     items = [{"carrier_code": "stamps_com", "tracking_number": NUMBER}]

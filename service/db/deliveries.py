@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -27,6 +26,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service import json_exact
 from service.db.driver import Statement, bytea_text, driver_connection, json_rows
 from service.db.tables import RECEIVED_WEEK, webhook_deliveries
 from service.domain.subscriptions import SubscriptionState
@@ -399,8 +399,8 @@ async def adopt_orphans(
 
 def _reparse(body: bytes) -> TrackingUpdate:
     try:
-        payload = json.loads(body)
-    except ValueError:
+        payload = json_exact.loads(body)  # the receiver's reader: the same values, read faster
+    except (ValueError, RecursionError):
         payload = None
     return parse_track_payload(payload)
 
@@ -520,7 +520,7 @@ _LIVE = """
     FOR NO KEY UPDATE
 """
 _LOCK_LIVE = Statement.of(
-    _LIVE.format(packages="= ANY(CAST(:numbers AS text[]))", active=SubscriptionState.ACTIVE)
+    _LIVE.format(packages="= ANY(CAST(:numbers AS text[]))", active=SubscriptionState.ACTIVE.value)
 )
 
 # The receiver's first statement: its originals, then the subscriptions of their packages
@@ -531,7 +531,8 @@ _LOCK_LIVE = Statement.of(
 # read all of it than probe its index 100 times (a whole scan of 10,000 subscriptions for every
 # batch, seen in the plans); an array of unknown length it assumes short.
 _LIVE_OF_ORIGINALS = _LIVE.format(
-    packages="= ANY(ARRAY(SELECT tracking_number FROM originals))", active=SubscriptionState.ACTIVE
+    packages="= ANY(ARRAY(SELECT tracking_number FROM originals))",
+    active=SubscriptionState.ACTIVE.value,
 )
 _INSERT_ORIGINALS_AND_LOCK = Statement.of(
     f"""
