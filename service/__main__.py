@@ -82,7 +82,7 @@ COMMANDS: dict[str, tuple[Callable[[], None], str]] = {
 
 def _settings() -> Settings:
     settings = Settings.from_env(os.environ)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.secret_values())
     return settings
 
 

@@ -57,6 +57,7 @@ async def run(environ: Mapping[str, str]) -> None:
             env["SHIPENGINE_API_KEY"] = simulator.api_key
             env["SHIPENGINE_BASE_URL"] = simulator.public_url
         settings = Settings.from_env(env)
+        configure_logging(settings.log_level, settings.secret_values())
         await asyncio.to_thread(upgrade, settings.database_url)
         token = await _local_token(settings)
         app = create_app(settings)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from service.domain.subscriptions import Budget
 from service.domain.tracking import RearmPolicy
@@ -25,7 +25,7 @@ class SettingsError(Exception):
     """A setting is missing or malformed; the message names the variable."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class Settings:
     database_url: str
     """DATABASE_URL: `postgresql://user:pass@host:port/db` of the service's database."""
@@ -50,6 +50,9 @@ class Settings:
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
     database_pool_size: int = 10
     """DATABASE_POOL_SIZE: connections each process keeps to PostgreSQL."""
+    database_pool_timeout_s: float = 3.0
+    """DATABASE_POOL_TIMEOUT_S: how long a request waits for a free connection before it is
+    answered 503 with Retry-After."""
     database_read_url: str | None = None
     """DATABASE_READ_URL: a replica for dashboard reads (lists, ops views); unset: the primary."""
     database_statement_cache: bool = True
@@ -155,6 +158,9 @@ class Settings:
                 "DATABASE_STATEMENT_CACHE", boolean, cls.database_statement_cache
             ),
             database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
+            database_pool_timeout_s=optional(
+                "DATABASE_POOL_TIMEOUT_S", positive_float, cls.database_pool_timeout_s
+            ),
             dispatch_concurrency=optional(
                 "DISPATCH_CONCURRENCY", positive_int, cls.dispatch_concurrency
             ),
@@ -210,6 +216,23 @@ class Settings:
                 "EVENT_RETENTION_DAYS", positive_int, cls.event_retention_days
             ),
         )
+
+    def __repr__(self) -> str:
+        """Every field, secrets as `***` (passwords inside URLs too): a settings object in a
+        traceback or a debugger's output shows no secret."""
+        shown = (
+            f"{field.name}={_masked(field.name, getattr(self, field.name))!r}"
+            for field in dataclasses.fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
+    def secret_values(self) -> list[str]:
+        """The values that no log line may show, as they are written and as they are read."""
+        values = [self.shipengine_api_key, self.webhook_secret]
+        for url in (self.database_url, self.database_read_url):
+            password = urlsplit(url).password if url else None
+            values += [password, unquote(password)] if password else []
+        return [value for value in values if value]
 
     @property
     def budget(self) -> Budget:
@@ -338,6 +361,18 @@ def log_level(raw: str) -> str:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
     return level
+
+
+_SECRET_FIELDS = frozenset({"shipengine_api_key", "webhook_secret"})
+_URL_FIELDS = frozenset({"database_url", "database_read_url"})
+
+
+def _masked(name: str, value: object) -> object:
+    if value and name in _SECRET_FIELDS:
+        return "***"
+    if isinstance(value, str) and name in _URL_FIELDS:
+        return mask_url(value)
+    return value
 
 
 def mask_url(url: str) -> str:

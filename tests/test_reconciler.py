@@ -10,15 +10,18 @@ from typing import Any
 import aiohttp
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.dispatch import current_pause
+from service.db.errors import is_unavailable
 from service.db.subscriptions import NewSubscription, create_subscription
 from service.dispatcher.reconciler import Reconciler
 from service.dispatcher.runtime import build_reconciler
 from service.dispatcher.worker import Dispatcher
 from service.settings import Settings
 from tests.conftest import RunningSimulator
+from tests.test_database_restart import terminate_backends
 
 ALWAYS = {None: 0.0, "AC": 0.0, "IT": 0.0, "EX": 0.0, "AT": 0.0, "UN": 0.0, "NY": 0.0}
 
@@ -125,3 +128,14 @@ async def test_a_429_on_a_poll_pauses_everyone(
     assert pause is not None
     assert pause.kind == "rate_limit"
     assert await execute(engine, "SELECT count(*) FROM webhook_deliveries") == [(0,)]
+
+
+async def test_the_reconciler_recovers_after_the_database_drops_its_connections(
+    tracked: uuid.UUID, database_url: str, make_reconciler: Callable[..., Reconciler]
+) -> None:
+    reconciler = make_reconciler()  # on the pool that `tracked` used
+    assert await terminate_backends(database_url) > 0
+    with pytest.raises(sa_exc.DBAPIError) as failed:
+        await reconciler.run_once()
+    assert is_unavailable(failed.value)
+    assert await reconciler.run_once() == 1

@@ -10,6 +10,9 @@ import dataclasses
 from typing import Any
 
 ERROR_SOURCE = "tracking_service"
+# What a 503 for an unreachable or saturated database asks callers to wait: a failover or a
+# burst is usually over within seconds.
+RETRY_AFTER_S = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import contextlib
 
 from aiohttp import web
 
+from service.api.errors import RETRY_AFTER_S
 from service.api.keys import ENGINE, METRICS
 from service.db.dispatch import current_pause
 from service.metrics import CONTENT_TYPE
@@ -35,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
                 pause = await current_pause(conn)
     except Exception as error:  # any failure to reach the database means not ready
         body = {"status": "unavailable", "checks": {"database": f"{type(error).__name__}"}}
-        return web.json_response(body, status=503)
+        return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     dispatch: dict[str, object] = {"paused": pause is not None}
     if pause is not None:
         dispatch |= {"kind": pause.kind, "until": pause.until.isoformat(), "reason": pause.reason}

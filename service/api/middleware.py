@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.api.errors import ApiError, ErrorDetail, http_error_detail
+from service.api.errors import RETRY_AFTER_S, ApiError, ErrorDetail, http_error_detail
 from service.api.keys import METRICS
 from service.db.errors import is_unavailable
 
@@ -62,9 +62,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(request, error.status, http_error_detail(error.status, error.reason))
     except Exception as error:
         if is_unavailable(error):
-            log.warning("api.database_unavailable", path=request.path, error=str(error))
+            # The error's type only: its text quotes the statement, and may quote its values.
+            log.warning("api.database_unavailable", path=request.path, error=type(error).__name__)
             detail = ErrorDetail("system", "database_unavailable", "the database is unavailable")
-            return error_response(request, 503, detail)
+            response = error_response(request, 503, detail)
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
         log.exception("api.unhandled_error", path=request.path, method=request.method)
         detail = ErrorDetail("system", "unspecified", "internal error")
         return error_response(request, 500, detail)

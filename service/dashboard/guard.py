@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
+from service.api.errors import RETRY_AFTER_S
 from service.api.keys import ENGINE
 from service.dashboard.access import Viewer, live_holder
 from service.dashboard.keys import NONCE, SESSIONS, VIEWER
@@ -63,8 +64,10 @@ async def error_pages(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception as error:
         if not is_unavailable(error):
             raise
-        log.warning("dashboard.database_unavailable", path=request.path, error=str(error))
-        return _error_page(request, 503, "The database is unavailable; try again shortly.")
+        log.warning("dashboard.database_unavailable", path=request.path, error=type(error).__name__)
+        response = _error_page(request, 503, "The database is unavailable; try again shortly.")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
 
 def _error_page(request: web.Request, status: int, message: str) -> web.Response:

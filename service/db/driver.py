@@ -30,18 +30,20 @@ from service import json_exact
 
 
 async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
-    """`conn`'s asyncpg connection, inside `conn`'s transaction."""
+    """`conn`'s asyncpg connection, inside `conn`'s transaction.
+
+    SQLAlchemy begins its transaction lazily, at the first statement it runs, and this
+    connection may have run none yet: then a first statement goes through SQLAlchemy, which
+    begins the transaction as it always does (so its commit or rollback ends it) and, on a
+    connection that a restart or failover left dead, recognises the disconnect and discards the
+    connection and the pool's others of the same age. Begun any other way, a dead connection
+    went back to the pool and every later request on it failed. A connection lost later, between
+    two statements, is recognised by SQLAlchemy's rollback the same way.
+    """
     raw = await conn.get_raw_connection()
     driver: asyncpg.Connection = raw.driver_connection
-    if not conn.in_transaction():
-        await conn.begin()  # as SQLAlchemy's autobegin would at a first statement
-    if not driver.is_in_transaction():
-        # SQLAlchemy begins its asyncpg transaction lazily, at its first statement, and this
-        # connection may have run none yet. Begun here as that statement would begin it (BEGIN
-        # alone), so that SQLAlchemy's commit or rollback ends it. Not a public interface:
-        # tests/test_driver.py holds SQLAlchemy to it.
-        adapter: Any = raw.dbapi_connection  # SQLAlchemy's, around the asyncpg connection
-        await adapter._start_transaction()
+    if not (conn.in_transaction() and driver.is_in_transaction()):
+        await conn.exec_driver_sql("SELECT 1")  # one round trip per transaction, not per statement
     return driver
 
 

@@ -23,10 +23,18 @@ def asyncpg_dsn(database_url: str) -> str:
 
 
 def create_engine(
-    database_url: str, *, pool_size: int = 10, statement_cache: bool = True
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    pool_timeout_s: float = 3.0,
+    statement_cache: bool = True,
 ) -> AsyncEngine:
     """`statement_cache=False` for PgBouncer in transaction mode, where a prepared statement
-    made on one server connection may be missing on the next."""
+    made on one server connection may be missing on the next.
+
+    `pool_timeout_s` is how long a request waits for a free connection before it is answered
+    503: short, so that a saturated database sheds load instead of queueing it for SQLAlchemy's
+    default 30 s."""
     url = sqlalchemy_url(database_url)
     connect_args: dict[str, object] = {
         # Timestamps are read and written in UTC whatever the server's default zone.
@@ -43,6 +51,10 @@ def create_engine(
         # on a dead connection fails, SQLAlchemy drops the whole pool, and callers retry (the
         # dispatcher) or get one 503 (the API).
         pool_pre_ping=False,
+        pool_timeout=pool_timeout_s,
+        # Errors name their statement but not its values: those are callers' payloads, tokens'
+        # hashes and webhook bodies, none of which may reach a log line.
+        hide_parameters=True,
         connect_args=connect_args,
     )
 
@@ -55,5 +67,6 @@ def engine_from(settings: Settings, *, read_only: bool = False) -> AsyncEngine:
     return create_engine(
         url,
         pool_size=settings.database_pool_size,
+        pool_timeout_s=settings.database_pool_timeout_s,
         statement_cache=settings.database_statement_cache,
     )

@@ -10,9 +10,11 @@ def is_unavailable(error: BaseException) -> bool:
     """True when the error means the database is down or unreachable, not a bad query."""
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
+    if isinstance(error, sa_exc.TimeoutError):
+        return True  # no connection free in the pool within DATABASE_POOL_TIMEOUT_S
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(
+        if _is_closed_connection(cause) or isinstance(
             cause,
             # OSError covers refused and reset connections, DNS failures and timeouts; then
             # the whole connection class (08), the server shutting down, crashed or starting
@@ -27,6 +29,12 @@ def is_unavailable(error: BaseException) -> bool:
             return True
         cause = cause.__cause__ or cause.__context__
     return False
+
+
+def _is_closed_connection(error: BaseException) -> bool:
+    """asyncpg's word for a statement on a connection the server ended (pg_terminate_backend,
+    a restart): the test SQLAlchemy's own dialect makes of it."""
+    return isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error)
 
 
 # deadlock_detected and serialization_failure: nothing wrong with the statements, only with
