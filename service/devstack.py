@@ -38,6 +38,8 @@ DATA_DIR = Path(".data")
 async def run(environ: Mapping[str, str]) -> None:
     env = dict(environ)
     env.setdefault("HOST", "127.0.0.1")
+    # Plain HTTP on loopback: a Secure cookie would never come back from the browser.
+    env.setdefault("DASHBOARD_COOKIE_SECURE", "false")
     configure_logging(env.get("LOG_LEVEL", "INFO").upper())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -129,6 +131,8 @@ Try it:
        -H 'Content-Type: application/json' -d '{body}'
   curl -s {api_url}/v1/subscriptions/<id> -H "Authorization: Bearer $TOKEN"
   curl -s {api_url}/v1/subscriptions/<id>/events -H "Authorization: Bearer $TOKEN"
+  curl -s {api_url}/metrics -H "Authorization: Bearer $TOKEN"   (the metrics scope)
+  Dashboard: {api_url}/dashboard   (log in with the token)
 
 Ctrl-C stops everything.
 """,

@@ -104,6 +104,12 @@ class Settings:
     event_retention_days: int = 400
     """EVENT_RETENTION_DAYS: tracking history is dropped, a month of subscriptions at a time,
     this long after its subscription was created."""
+    dashboard_cookie_secure: bool = True
+    """DASHBOARD_COOKIE_SECURE: the dashboard's session cookie is `Secure` (sent over HTTPS
+    only); `false` only for plain HTTP, as under `make run`."""
+    dashboard_origin: str | None = None
+    """DASHBOARD_ORIGIN: the dashboard's public origin (`https://host[:port]`), when a proxy in
+    front rewrites the Host header; login posts from it are same-site."""
 
     def __post_init__(self) -> None:
         if not self.shipengine_jwks_url:
@@ -215,6 +221,10 @@ class Settings:
             event_retention_days=optional(
                 "EVENT_RETENTION_DAYS", positive_int, cls.event_retention_days
             ),
+            dashboard_cookie_secure=optional(
+                "DASHBOARD_COOKIE_SECURE", boolean, cls.dashboard_cookie_secure
+            ),
+            dashboard_origin=optional("DASHBOARD_ORIGIN", web_origin, None),
         )
 
     def __repr__(self) -> str:
@@ -301,6 +311,14 @@ def http_url(raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def web_origin(raw: str) -> str:
+    """`https://host[:port]`, lowercased as browsers send it in `Origin`."""
+    parts = urlsplit(raw.rstrip("/"))
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise ValueError(f"must be an origin such as https://tracking.example.com, got {raw!r}")
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def port_number(raw: str) -> int:

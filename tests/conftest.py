@@ -102,6 +102,7 @@ def settings(database_url: str) -> Settings:
         dispatch_poll_interval_s=0.2,
         shipengine_timeout_s=5.0,
         shipengine_rate_limit_per_minute=0,  # the tests of the budget set their own
+        dashboard_cookie_secure=False,  # plain HTTP on loopback, as under `make run`
     )
 
 

@@ -88,6 +88,19 @@ async def test_run_brings_up_the_whole_product_and_stops_cleanly(tmp_path: Path)
             assert delivered["state"] == "active"
             async with session.get(f"{url}/events") as response:
                 assert len((await response.json())["items"]) >= 4
+            # The printed token scrapes /metrics, as printed.
+            assert f'curl -s {base}/metrics -H "Authorization: Bearer $TOKEN"' in printed
+            async with session.get(f"{base}/metrics") as response:
+                assert response.status == 200
+            # Plain HTTP: the dashboard's cookie is not Secure, or no browser would send it back.
+            login = {"token": token.group(1)}
+            async with session.post(
+                f"{base}/dashboard/login", data=login, allow_redirects=False
+            ) as response:
+                assert response.status == 303
+                cookie = response.headers["Set-Cookie"]
+                assert "dashboard_session=" in cookie
+                assert "Secure" not in cookie
         assert (tmp_path / ".data" / "postgres").is_dir()
     finally:
         if process.returncode is None:

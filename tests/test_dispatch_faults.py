@@ -20,7 +20,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.subscriptions import NewSubscription, create_subscription
-from tests.conftest import RunningSimulator
+from service.db.tokens import create_token
+from service.domain.access import Scope
+from tests.conftest import RunningSimulator, bearer
 from tests.processes import DispatcherProcess, free_port
 from tests.waiting import eventually
 
@@ -278,10 +280,16 @@ async def test_a_dispatcher_process_serves_its_health_and_metrics(
     dispatcher = await spawn(DISPATCHER_STATUS_PORT=str(port))
     await subscribe_many(engine, ["MET1", "MET2"])
     await eventually(lambda: all_active(engine, 2))
+    async with engine.begin() as conn:
+        scraper = await create_token(conn, "prometheus", [Scope.METRICS])
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
             assert response.status == 200
         async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            assert response.status == 401  # the same rule as on the API's port
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        async with session.get(metrics, headers=bearer(scraper.plaintext)) as response:
+            assert response.status == 200
             text = await response.text()
     assert (
         'tracking_dispatch_calls_total{error_code="",operation="start",outcome="accepted"} 2.0'

@@ -22,9 +22,11 @@ from service.api.keys import (
     SUBSCRIBE_COMMITS,
     VERIFIER,
 )
+from service.api.metrics_access import SCRAPE_ACCESS, ScrapeAccess
 from service.api.middleware import json_errors, request_context, request_metrics
 from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
+from service.dashboard.keys import DashboardOptions
 from service.db import partitions
 from service.db import subscriptions as queries
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
@@ -50,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[SCRAPE_ACCESS] = ScrapeAccess()
     app[TOKENS] = {}
     app[SUMMARY] = {}
     app.on_cleanup.append(stop_recounting)
@@ -63,8 +66,14 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(receiver.routes)
     app.add_routes(replay.routes)
     app.add_routes(openapi.routes)
-    app.add_subapp("/dashboard", create_dashboard())
+    app.add_subapp("/dashboard", create_dashboard(_dashboard_options(settings)))
     return app
+
+
+def _dashboard_options(settings: Settings) -> DashboardOptions:
+    return DashboardOptions(
+        secure_cookie=settings.dashboard_cookie_secure, allowed_origin=settings.dashboard_origin
+    )
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:

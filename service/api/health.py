@@ -7,9 +7,12 @@ import contextlib
 
 from aiohttp import web
 
+from service.api.auth import requires
 from service.api.errors import RETRY_AFTER_S
 from service.api.keys import ENGINE, METRICS
+from service.api.metrics_access import refusal
 from service.db.dispatch import current_pause
+from service.domain.access import Scope
 from service.metrics import CONTENT_TYPE
 
 READINESS_TIMEOUT_S = 2.0
@@ -46,8 +49,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@requires(Scope.METRICS)  # checked below, not by `authenticate`: a dispatcher serves it too
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format; shared gauges are read fresh from the database."""
+    """Prometheus text format, to a token with the `metrics` scope; shared gauges are read
+    fresh from the database."""
+    refused = await refusal(request)
+    if refused is not None:
+        return refused
     registry = request.app[METRICS]
     with contextlib.suppress(Exception):  # counters still serve while the database is away
         async with asyncio.timeout(READINESS_TIMEOUT_S):

@@ -248,8 +248,9 @@ class Operation:
 
     @property
     def needs_token(self) -> bool:
-        """As the `authenticate` middleware decides it."""
-        return self.path.startswith("/v1/") and self.path not in PUBLIC_PATHS
+        """As the `authenticate` middleware decides it, or the handler itself (/metrics)."""
+        v1 = self.path.startswith("/v1/") and self.path not in PUBLIC_PATHS
+        return v1 or bool(self.scopes)
 
 
 SUBSCRIPTION_ID = {
@@ -526,6 +527,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Prometheus metrics",
         "health",
         (Answer(200, None, "Prometheus' text format", METRICS_CONTENT_TYPE.split(";")[0]),),
+        AUTHED,
     ),
 )
 
@@ -539,7 +541,7 @@ levers, and ShipEngine's `track` webhook.
 Every `/v1` operation but the webhook needs `Authorization: Bearer <token>`; a token carries
 scopes (`subscriptions:write`, `subscriptions:read`, `ops`) and each operation needs any one of
 those listed as its security requirements (also in `x-scopes`). No token, or an unknown or
-revoked one: 401; a token without the scope: 403.
+revoked one: 401; a token without the scope: 403. `/metrics` needs the `metrics` scope.
 
 Every error has ShipEngine's error shape (`ErrorBody`); every answer carries `X-Request-ID`.
 """

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.dashboard.sessions import Session
 from service.db.tokens import find_token
 from service.domain.access import Scope, read_token
 
+# The scopes that may look at the dashboard; `metrics` is for Prometheus only.
+VIEWING_SCOPES = frozenset({Scope.READ, Scope.WRITE, Scope.OPS})
+
 
 @dataclasses.dataclass(frozen=True)
 class Holder:
-    """A live token's client and scopes."""
+    """A live token's client and the scopes it holds that concern the dashboard."""
 
     token_id: str
     client: str
@@ -23,9 +26,8 @@ class Holder:
 
 @dataclasses.dataclass(frozen=True)
 class Viewer:
-    """The holder of a live session; any scope may look, only `ops` may act."""
+    """The holder of a live session; any viewing scope may look, only `ops` may act."""
 
-    session_id: str
     session: Session
     holder: Holder
 
@@ -35,23 +37,17 @@ class Viewer:
 
 
 async def verify_pasted(conn: AsyncConnection, pasted: str) -> Holder | None:
-    """The holder of a pasted token if it is live, matches and has a scope; else None."""
+    """The holder of a pasted token if it is live, matches and has a viewing scope; else None."""
     presented = read_token(f"Bearer {pasted.strip()}")
     if presented is None:
         return None
     row = await find_token(conn, presented.token_id)
     if row is None or not presented.matches(bytes(row["secret_sha256"])):
         return None
-    return _holder(row)
+    return holder_of(row["token_id"], row["client"], row["scopes"])
 
 
-async def live_holder(conn: AsyncConnection, token_id: str) -> Holder | None:
-    """The holder of a token a session was opened with; None once it is revoked."""
-    row = await find_token(conn, token_id)
-    return _holder(row) if row is not None else None
-
-
-def _holder(row: RowMapping) -> Holder | None:
-    known = {scope.value for scope in Scope}
-    scopes = frozenset(Scope(scope) for scope in row["scopes"] if scope in known)
-    return Holder(row["token_id"], row["client"], scopes) if scopes else None
+def holder_of(token_id: str, client: str, scopes: Iterable[str]) -> Holder | None:
+    """None when the token has no viewing scope."""
+    viewing = frozenset(Scope(scope) for scope in scopes if scope in VIEWING_SCOPES)
+    return Holder(token_id, client, viewing) if viewing else None

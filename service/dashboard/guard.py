@@ -1,4 +1,4 @@
-"""The dashboard's middlewares: security headers, error pages, sessions and CSRF."""
+"""The dashboard's middlewares: security headers, flashes, error pages, sessions and CSRF."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from yarl import URL
 
 from service.api.errors import RETRY_AFTER_S
 from service.api.keys import ENGINE
-from service.dashboard.access import Viewer, live_holder
-from service.dashboard.keys import NONCE, SESSIONS, VIEWER
+from service.dashboard.access import Viewer, holder_of
+from service.dashboard.forms import read_form
+from service.dashboard.keys import NONCE, VIEWER
 from service.dashboard.render import HOME, LOGIN, Refused, page, redirect
-from service.dashboard.sessions import COOKIE_NAME, clear_session_cookie
+from service.dashboard.sessions import COOKIE_NAME, Session, clear_session_cookie, session_id_of
+from service.db.dashboard_sessions import clear_flash, find_session
 from service.db.errors import is_unavailable
 
 log = structlog.get_logger(__name__)
@@ -79,30 +81,52 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
     """A live session for every page but the login; a matching CSRF token on every POST."""
     if request.path in PUBLIC_PATHS:
         return await handler(request)
-    session_id = request.cookies.get(COOKIE_NAME, "")
+    session_id = session_id_of(request)
     viewer = await _viewer(request, session_id) if session_id else None
     if viewer is None:
-        return _to_login(request, ended=bool(session_id))
+        return _to_login(request, ended=bool(request.cookies.get(COOKIE_NAME)))
     request[VIEWER] = viewer
     if request.method not in SAFE_METHODS:
-        form = await request.post()
+        form = await read_form(request)
         if not viewer.session.csrf_matches(form.get("csrf")):
             raise Refused(403, "This form is stale or not from this dashboard; reload and retry.")
     return await handler(request)
 
 
+@web.middleware
+async def forget_shown_flash(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A flash message is shown once: once a page (an error page too) has shown it, it goes.
+
+    Outside `error_pages`, which renders pages too. Best effort: should the database be away
+    just then, the message is shown once more.
+    """
+    response = await handler(request)
+    viewer = request.get(VIEWER)
+    shown = viewer.session.shown_flash if viewer is not None else None
+    if viewer is not None and shown is not None:
+        try:
+            async with request.config_dict[ENGINE].begin() as conn:
+                await clear_flash(conn, viewer.session.session_id, shown)
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            log.warning("dashboard.flash_not_cleared", error=type(error).__name__)
+    return response
+
+
 async def _viewer(request: web.Request, session_id: str) -> Viewer | None:
-    """The session's viewer, its token looked up again: a revoked token ends the session."""
-    store = request.config_dict[SESSIONS]
-    session = store.find(session_id)
-    if session is None:
-        return None
+    """The session's viewer, looked up with its token: a revoked token ends the session."""
     async with request.config_dict[ENGINE].connect() as conn:
-        holder = await live_holder(conn, session.token_id)
-    if holder is None:
-        store.close(session_id)
+        row = await find_session(conn, session_id)
+    if row is None:
         return None
-    return Viewer(session_id, session, holder)
+    holder = holder_of(row["token_id"], row["client"], row["scopes"])
+    if holder is None:
+        return None
+    session = Session(
+        session_id, row["token_id"], row["csrf_token"], row["expires_at"], row["flash"]
+    )
+    return Viewer(session, holder)
 
 
 def _to_login(request: web.Request, *, ended: bool) -> web.Response:

@@ -8,13 +8,16 @@ from typing import Any
 from aiohttp import web
 
 from service.dashboard.access import Viewer
-from service.dashboard.sessions import SessionStore
 
 
 @dataclasses.dataclass(frozen=True)
 class DashboardOptions:
-    secure_cookie: bool | None = None
-    """Whether the session cookie is Secure; None: unless plain HTTP to a loopback host."""
+    secure_cookie: bool = True
+    """Whether the session cookie is Secure (DASHBOARD_COOKIE_SECURE): false only for plain
+    HTTP, as under `make run`."""
+    allowed_origin: str | None = None
+    """An origin (`https://host[:port]`) whose login posts are ours even though the Host header
+    differs (DASHBOARD_ORIGIN: a proxy that rewrites Host)."""
     refresh_s: int = 10
     """How often status pages reload themselves (0: never)."""
 
@@ -26,7 +29,6 @@ class SummaryCache:
 
 
 OPTIONS = web.AppKey("dashboard_options", DashboardOptions)
-SESSIONS = web.AppKey("dashboard_sessions", SessionStore)
 SUMMARY = web.AppKey("dashboard_summary", SummaryCache)
 VIEWER = web.RequestKey("dashboard_viewer", Viewer)
 NONCE = web.RequestKey("dashboard_csp_nonce", str)

@@ -290,3 +290,24 @@ api_tokens = sa.Table(
     _created_at(),
     _timestamp("revoked_at"),
 )
+
+# Dashboard sessions, named by a random id that only the browser's cookie holds: the row keeps
+# its SHA-256. The CSRF token is kept as is, since every page renders it into its forms; it
+# opens nothing without the session cookie. `flash` is a message for the next page shown.
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("id_sha256", sa.LargeBinary, primary_key=True),
+    sa.Column(
+        "token_id",
+        sa.Text,
+        sa.ForeignKey("api_tokens.token_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("csrf_token", sa.Text, nullable=False),
+    sa.Column("flash", sa.Text),
+    _timestamp("expires_at", nullable=False),
+    _created_at(),
+)
+sa.Index("ix_dashboard_sessions_token_id", dashboard_sessions.c.token_id)
+sa.Index("ix_dashboard_sessions_expires_at", dashboard_sessions.c.expires_at)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import health
 from service.api.keys import ENGINE, METRICS, SETTINGS
+from service.api.metrics_access import SCRAPE_ACCESS, ScrapeAccess
 from service.db.engine import engine_from
 from service.dispatcher.reconciler import Reconciler
 from service.dispatcher.worker import Dispatcher
@@ -138,12 +139,14 @@ async def serve(settings: Settings) -> None:
 async def _serve_status(
     settings: Settings, engine: AsyncEngine, metrics: Metrics
 ) -> web.AppRunner | None:
-    """/healthz, /readyz and /metrics of a dispatcher process, on DISPATCHER_STATUS_PORT."""
+    """/healthz, /readyz and /metrics of a dispatcher process, on DISPATCHER_STATUS_PORT;
+    /metrics to a `metrics` token, as on the API's port."""
     if not settings.dispatcher_status_port:
         return None
     app = web.Application()
     app[ENGINE] = engine
     app[METRICS] = metrics
+    app[SCRAPE_ACCESS] = ScrapeAccess()
     app.add_routes(health.routes)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
