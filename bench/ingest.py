@@ -8,7 +8,8 @@ JWKS, 64 senders over keep-alive connections) and three servers, each its own pr
     full  `python -m service api`: POST /v1/webhooks/shipengine verifies the signature (keys
           from the load generator's /jwks), stores the raw delivery, files events, updates status
 
-Two loads, each sent to (a), (b) and full in that order, the same signed bytes to all three:
+Two loads, each sent to (a), (b) and full in that order, the same signed bytes to all three
+(and `refusals`, unsigned junk sent by the harness to (a) and full: refusals a second):
 
     realistic  10,000 active subscriptions; each delivery a new state of its package (step k
                carries k events, newest first), 10% exact repeats of an earlier one
@@ -40,6 +41,7 @@ from bench.infra import (
     Processes,
     ServiceProcess,
     answers,
+    api_headers,
     backend_pids,
     cpu_cores,
     cpu_snapshot,
@@ -48,11 +50,13 @@ from bench.infra import (
     start_load_generator,
     with_children,
 )
+from bench.loadgen import WEBHOOK_PATH
 from bench.report import Check, Report, cores, number
+from bench.sending import Request, send
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
 
-SCENARIOS = ("realistic", "hot")
+SCENARIOS = ("realistic", "hot", "refusals")
 
 SERVERS = ("a", "b", "full", "full2")
 RECEIVERS = ("full", "full2")
@@ -83,6 +87,7 @@ class Plan:
     realistic_deliveries: int = 12_000
     repeat_share: float = 0.10
     hot_requests: int = 4_000
+    refusal_requests: int = 6_000
     warmup_requests: int = 256
     baseline_pool_size: int = 10
     profile_s: float = 10.0
@@ -96,6 +101,7 @@ QUICK = dataclasses.replace(
     FULL,
     realistic_deliveries=5_000,
     hot_requests=1_500,
+    refusal_requests=2_000,
     warmup_requests=128,
     profile_s=4.0,
     baseline_min_s=2.0,
@@ -127,9 +133,15 @@ async def run(bench: Bench, report: Report) -> None:
                 await _subscribe(conn, plan.packages, PACKAGE_PREFIX[key], HOT_PACKAGE[key])
             generator = await start_load_generator(procs, "loadgen")
             servers = await _start_servers(procs, database_url, generator.url, plan)
+            scrape = await api_headers(database_url)  # /metrics needs the `metrics` scope
             rates: dict[str, float] = {}
             for load in loads:
-                await _measure(bench, plan, report, procs, conn, generator, servers, load, rates)
+                if load == "refusals":
+                    await _refusals(plan, report, conn, servers)
+                    continue
+                await _measure(
+                    bench, plan, report, procs, conn, generator, servers, load, rates, scrape
+                )
             _rss_check(report, servers)
             report.options["loadgen_peak_rss_mb"] = _peak_rss_mb(generator.process.pid)
         finally:
@@ -187,6 +199,7 @@ async def _measure(
     servers: dict[str, Server],
     load: str,
     rates: dict[str, float],
+    scrape: dict[str, str],
 ) -> None:
     # Signed now: every signature must still be fresh when the receivers get them.
     facts = {key: await _prepare(generator, plan, load, key) for key in RECEIVERS}
@@ -207,7 +220,7 @@ async def _measure(
             "bench": [os.getpid()],
         }
         before = cpu_snapshot(groups)
-        groups_before = await _group_commits(server.url) if key in RECEIVERS else None
+        groups_before = await _group_commits(server.url, scrape) if key in RECEIVERS else None
         profiler, profile_to = None, None
         if bench.profile and key == "full" and load == "realistic":
             profile_to = bench.log_dir / f"ingest-{load}-api.pyspy.txt"
@@ -230,7 +243,7 @@ async def _measure(
             items, commits = (
                 after - before
                 for after, before in zip(
-                    await _group_commits(server.url), groups_before, strict=True
+                    await _group_commits(server.url, scrape), groups_before, strict=True
                 )
             )
             result["mean_group_commit"] = items / commits if commits else math.nan
@@ -249,10 +262,62 @@ async def _measure(
         _checks(report, load, key, results, database, rates)
 
 
-async def _group_commits(url: str) -> tuple[float, float]:
+# Junk as the issue measured it: no signature headers, a 60 KB body and 64 KB of headers.
+UNSIGNED_BODY = b'{"data": "' + b"x" * (60 * 1024 - 12) + b'"}'
+UNSIGNED_HEADERS = {
+    "Content-Type": "application/json",
+    **{f"X-Filler-{n:02d}": "f" * 4_000 for n in range(16)},
+}
+
+
+async def _refusals(
+    plan: Plan, report: Report, conn: asyncpg.Connection, servers: dict[str, Server]
+) -> None:
+    """Unsigned posts a second: (a) reads each body and answers 204, the receiver answers 404
+    without reading it (aiohttp drains it) and stores nothing. Sent from the harness itself
+    (`bench/sending.py`, the load generator's sender), the same bytes to both."""
+    requests = [Request(WEBHOOK_PATH, UNSIGNED_BODY, UNSIGNED_HEADERS)] * plan.refusal_requests
+    results: dict[str, dict[str, Any]] = {}
+    for key in ("a", "full"):
+        # Both get the list again until baseline_min_s: nothing is stored to check after.
+        result = await send(servers[key].url, requests, plan.concurrency, min_s=plan.baseline_min_s)
+        results[key] = result
+        latency = result["latency_ms"]
+        report.scenario(
+            f"refusals/{key}",
+            SERVER_TITLES[key] if key == "a" else "full receiver, unsigned posts (404)",
+            f"{number(result['per_s'])}/s p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms",
+            "1.00 (is a)" if key == "a" else f"{result['per_s'] / results['a']['per_s']:.2f} a",
+            f"{result['requests']:,} unsigned posts of {len(UNSIGNED_BODY) // 1024} KB, "
+            f"{result['concurrency']} senders, {result['elapsed_s']:.1f} s; "
+            f"statuses {result['statuses']}",
+            result,
+        )
+    stored = await conn.fetchval(
+        "SELECT count(*) FROM webhook_deliveries WHERE refusal = 'missing_headers'"
+    )
+    statuses = results["full"]["statuses"]
+    ok = statuses == {"404": results["full"]["requests"]} and stored == 0
+    report.check(
+        Check(
+            "refusals: unsigned posts answered 404, none stored",
+            "all",
+            "all" if ok else f"statuses {statuses}, {stored} stored",
+            None,
+            results["full"]["per_s"] / results["a"]["per_s"],
+            ok,
+        )
+    )
+
+
+async def _group_commits(url: str, headers: dict[str, str]) -> tuple[float, float]:
     """Deliveries and commits so far of the receiver's group commit, from its /metrics (one
     process's, with API_WORKERS=2)."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
+        response.raise_for_status()
         exposition = await response.text()
     totals = {"sum": 0.0, "count": 0.0}
     for family in text_string_to_metric_families(exposition):

@@ -70,6 +70,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.webhook_refusals_unstored = Counter(
+            "tracking_webhook_refusals_unstored_total",
+            "Of those, the ones not stored: no signature headers, or past "
+            "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE; by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.status_changes = Counter(
             "tracking_status_changes_total",
             "Changes of a subscription's status, by the new status code.",

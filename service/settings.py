@@ -89,6 +89,10 @@ class Settings:
     """WEBHOOK_SECRET_HEADER: a custom header ShipEngine sends (set at registration) ..."""
     webhook_secret: str | None = None
     """WEBHOOK_SECRET: ... and the value it must carry, compared in constant time."""
+    webhook_refusal_sample_per_minute: int = 60
+    """WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE: refused deliveries each API process stores a minute
+    at most (a sample, 4 KiB each); the rest, and requests without signature headers, are only
+    counted (0: count them all, store none)."""
     reconcile_interval_s: float = 60.0
     """RECONCILE_INTERVAL_S: how often the reconciler looks for silent packages."""
     reconcile_batch: int = 50
@@ -202,6 +206,11 @@ class Settings:
             ),
             webhook_secret_header=optional("WEBHOOK_SECRET_HEADER", text, None),
             webhook_secret=optional("WEBHOOK_SECRET", text, None),
+            webhook_refusal_sample_per_minute=optional(
+                "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE",
+                non_negative_int,
+                cls.webhook_refusal_sample_per_minute,
+            ),
             reconcile_interval_s=optional(
                 "RECONCILE_INTERVAL_S", positive_float, cls.reconcile_interval_s
             ),

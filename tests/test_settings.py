@@ -38,6 +38,10 @@ def test_jwks_follows_the_base_url_unless_set() -> None:
         ({"DATABASE_URL": URL, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"DATABASE_URL": URL, "DISPATCH_CONCURRENCY": "0"}, "DISPATCH_CONCURRENCY"),
         ({"DATABASE_URL": URL, "API_WORKERS": "0"}, "API_WORKERS"),
+        (
+            {"DATABASE_URL": URL, "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE": "-1"},
+            "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE",
+        ),
         # Deliveries are the evidence for events: never kept longer than them.
         (
             {"DATABASE_URL": URL, "DELIVERY_RETENTION_DAYS": "90", "EVENT_RETENTION_DAYS": "60"},
@@ -48,6 +52,13 @@ def test_jwks_follows_the_base_url_unless_set() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=rf"^{variable}: "):
         Settings.from_env(env)
+
+
+def test_refused_webhooks_are_sampled_60_a_minute_unless_set() -> None:
+    assert Settings.from_env({"DATABASE_URL": URL}).webhook_refusal_sample_per_minute == 60
+    # 0: every refusal counted, none stored.
+    none = {"DATABASE_URL": URL, "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE": "0"}
+    assert Settings.from_env(none).webhook_refusal_sample_per_minute == 0
 
 
 def test_the_dispatcher_needs_an_api_key() -> None:

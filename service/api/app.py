@@ -36,6 +36,7 @@ from service.db.subscriptions import NewSubscription, Subscribed
 from service.metrics import Metrics
 from service.settings import Settings
 from service.webhooks import receiver, replay
+from service.webhooks.refusals import refusal_ledger
 from service.webhooks.signatures import KeySet, SignatureVerifier
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_cleanup.append(stop_recounting)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
+    app.cleanup_ctx.append(refusal_ledger)
     app.cleanup_ctx.append(_group_commits)
     app.cleanup_ctx.append(_partition_maintenance)
     app.add_routes(health.routes)

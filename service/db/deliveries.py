@@ -18,17 +18,18 @@ import collections
 import dataclasses
 import hashlib
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
 from service.db.driver import Statement, bytea_text, driver_connection, json_rows
-from service.db.tables import RECEIVED_WEEK, webhook_deliveries
+from service.db.tables import RECEIVED_WEEK, webhook_deliveries, webhook_refusal_counts
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import (
     Filing,
@@ -343,7 +344,8 @@ async def record_refusal(
     refusal: str,
     verification: str,
 ) -> int:
-    """Keep a refused delivery and why: it was not acknowledged, but ops can see it."""
+    """Keep a refused delivery and why: it was not acknowledged, but ops can see it. What is
+    kept of it is the receiver's to cap (`webhooks/refusals.py`: a sample of a few KiB)."""
     delivery_id: int = (
         await conn.execute(
             sa.insert(webhook_deliveries)
@@ -359,6 +361,31 @@ async def record_refusal(
         )
     ).scalar_one()
     return delivery_id
+
+
+async def count_unstored_refusals(
+    conn: AsyncConnection, counts: Mapping[str, int], *, keep_days: int
+) -> None:
+    """Add refusals that were counted, not stored, to this minute's counts by reason (every
+    API process adds its own); and drop the counts older than `keep_days`."""
+    if not counts:
+        return
+    rows = [
+        {"minute": sa.func.date_trunc("minute", sa.func.now()), "reason": r, "unstored": n}
+        for r, n in sorted(counts.items())
+    ]
+    insert = pg.insert(webhook_refusal_counts).values(rows)
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[webhook_refusal_counts.c.minute, webhook_refusal_counts.c.reason],
+            set_={"unstored": webhook_refusal_counts.c.unstored + insert.excluded.unstored},
+        )
+    )
+    await conn.execute(
+        sa.delete(webhook_refusal_counts).where(
+            webhook_refusal_counts.c.minute < sa.func.now() - timedelta(days=keep_days)
+        )
+    )
 
 
 async def adopt_orphans(

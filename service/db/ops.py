@@ -18,6 +18,7 @@ from service.db.tables import (
     status_changes,
     subscriptions,
     webhook_deliveries,
+    webhook_refusal_counts,
 )
 from service.domain.subscriptions import SubscriptionState
 
@@ -44,6 +45,7 @@ async def summary(conn: AsyncConnection) -> dict[str, Any]:
         },
         "failures_by_error_code": failures_by_error_code,
         "deliveries_last_hour": await _deliveries_last_hour(conn),
+        "refusals_unstored_last_hour": await _refusals_unstored_last_hour(conn),
     }
 
 
@@ -96,6 +98,19 @@ async def _deliveries_last_hour(conn: AsyncConnection) -> dict[str, int]:
     return await _counts(
         conn, label, webhook_deliveries.c.received_at > sa.func.now() - timedelta(hours=1)
     )
+
+
+async def _refusals_unstored_last_hour(conn: AsyncConnection) -> dict[str, int]:
+    """Refusals counted, not stored (no signature headers, or past the sample), by reason:
+    with `deliveries_last_hour`'s `refused:<reason>` (the sample), every refusal. Counts are
+    per minute, added every few seconds by each API process."""
+    counts = webhook_refusal_counts
+    rows = await conn.execute(
+        sa.select(counts.c.reason, sa.func.sum(counts.c.unstored))
+        .where(counts.c.minute > sa.func.now() - timedelta(hours=1))
+        .group_by(counts.c.reason)
+    )
+    return {reason: int(total) for reason, total in rows}
 
 
 async def timeline(conn: AsyncConnection, subscription_id: Any) -> list[dict[str, Any]]:

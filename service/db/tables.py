@@ -157,6 +157,17 @@ sa.Index(
     postgresql_where=webhook_deliveries.c.outcome.in_(["filed", "orphan"]),
 )
 
+# Refused requests counted but not stored (no signature headers, or past the sample of
+# WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE): each API process adds its counts every few seconds.
+webhook_refusal_counts = sa.Table(
+    "webhook_refusal_counts",
+    metadata,
+    sa.Column("minute", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("unstored", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("minute", "reason"),
+)
+
 # Partitioned by when their subscription was created: a subscription's events share one
 # partition, so its dedup key stays in one index and its history is dropped whole, after
 # EVENT_RETENTION_DAYS. (By `occurred_at` the key could be NULL or far in the past.)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -170,7 +171,41 @@ def timestamp(value: object) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # An offset that moves the time before the year 1 or past 9999 in UTC
+        # ("0001-01-01T00:00:00+14:00"): no datetime holds it. It reads as absent, as any time
+        # we cannot read, rather than refusing the delivery, which ShipEngine signed and would
+        # retry forever.
+        return None
+
+
+# A JSON string, escapes and all; without its closing quote it runs to the end of the text.
+# Each alternative consumes what the other cannot, so the match is linear in any input.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_OPENING = frozenset(b"[{")
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether JSON text nests arrays and objects more than `limit` deep (`{}` is 1 deep).
+
+    Told from the text without parsing it: parsers, and whatever walks what they return (the
+    hash of `content_digest`), recurse once per level, and a deep enough text exhausts the
+    stack. Brackets inside strings are text. Text that is not JSON is measured by its
+    brackets all the same; the parser refuses it afterwards.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for bracket in brackets:
+        if bracket in _OPENING:
+            depth += 1
+            if depth > limit:
+                return True
+        elif depth:
+            depth -= 1
+    return False
 
 
 TERMINAL_STATUSES = frozenset({"DE", "SP"})

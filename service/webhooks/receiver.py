@@ -3,17 +3,18 @@
 A delivery is answered 2xx only after its raw bytes, headers and verification are committed
 together with what it filed (deliveries that arrive together share a commit:
 `db/group_commit.py`); if anything fails first, ShipEngine gets an error and delivers it again.
-Refusals are answered at once and kept (with a capped body) so ops can see them:
+Refusals are answered at once and counted; a few are kept as a small sample so ops can see them
+(`webhooks/refusals.py`):
 
 | what | answer |
 |---|---|
-| no signature headers | 404, as ShipEngine's guide advises: the endpoint need not reveal itself |
+| no signature headers | 404 (ShipEngine's guide: the endpoint need not reveal itself), unread |
 | timestamp more than WEBHOOK_TIMESTAMP_TOLERANCE_S from now | 400 (a replay, or a clock to fix) |
 | bad signature, unknown key, unreadable signature headers, wrong shared secret | 401 |
 | ShipEngine's keys cannot be fetched | 503: our problem, ShipEngine retries later |
 | body over WEBHOOK_MAX_BYTES | 413, before the body is read |
 | not application/json | 415 |
-| not a JSON object | 400 |
+| not a JSON object, or nested deeper than MAX_JSON_DEPTH | 400 |
 | the database is down | 503 (nothing was stored, so nothing may be acknowledged) |
 """
 
@@ -27,15 +28,17 @@ from service import json_exact
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import DELIVERY_COMMITS, ENGINE, METRICS, SETTINGS, VERIFIER
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
-from service.domain.tracking import content_digest, parse_track_payload
-from service.webhooks.signatures import Refusal, secret_matches
+from service.domain.tracking import content_digest, json_depth_exceeds, parse_track_payload
+from service.webhooks.refusals import REFUSALS, sample, stored_headers
+from service.webhooks.signatures import SIGNATURE_HEADERS, Refusal, secret_matches
 
 log = structlog.get_logger(__name__)
 
 routes = web.RouteTableDef()
 
-# Refused deliveries are kept for ops, but anyone can send them: cap what they may store.
-REFUSED_BODY_BYTES = 64 * 1024
+# A track delivery nests five levels or so; JSON deeper than this is refused before anything
+# that recurses per level (the parser, the content hash) sees it.
+MAX_JSON_DEPTH = 64
 
 _REFUSAL_STATUS = {
     Refusal.MISSING_HEADERS: 404,
@@ -59,19 +62,21 @@ class Refused(ApiError):
 
 @routes.post("/v1/webhooks/shipengine")
 async def receive_track(request: web.Request) -> web.Response:
-    headers = _headers(request)
     body = b""
     verification = "skipped"
     try:
+        _check_headers(request)
         body = await _read_body(request)
-        verification = await _verify(request, headers, body)
+        verification = await _verify(request, body)
         payload = _payload(request, body)
     except Refused as refused:
-        await _record_refusal(request, headers, body, refused, verification)
+        await _record_refusal(request, body, refused, verification)
         raise
     update = parse_track_payload(payload)
     incoming = Incoming(
-        headers=headers,
+        headers=stored_headers(
+            request.headers.items(), request.app[SETTINGS].webhook_secret_header
+        ),
         body=body,
         update=update,
         content_sha256=content_digest(payload, update),
@@ -101,6 +106,23 @@ async def receive_track(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
 
+def _check_headers(request: web.Request) -> None:
+    """What the headers alone decide, before a byte of the body is read. A request without
+    ShipEngine's signature headers is most of what a flood of junk looks like: it costs a
+    lookup of three headers, no JSON, no key fetch, no row."""
+    settings = request.app[SETTINGS]
+    if settings.webhook_verify:
+        missing = [name for name in SIGNATURE_HEADERS if not request.headers.get(name, "").strip()]
+        if missing:
+            detail = f"missing {', '.join(missing)}"
+            raise Refused(404, Refusal.MISSING_HEADERS.value, detail, "security")
+    if settings.webhook_secret_header and settings.webhook_secret:
+        # Sent twice, it is not the one header we registered.
+        presented = request.headers.getall(settings.webhook_secret_header, [])
+        if len(presented) != 1 or not secret_matches(presented[0], settings.webhook_secret):
+            raise Refused(401, "bad_secret", "the shared secret header is wrong", "security")
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = request.app[SETTINGS].webhook_max_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -115,15 +137,10 @@ def _too_large(limit: int) -> Refused:
     return Refused(413, "too_large", f"the body exceeds {limit} bytes", "validation")
 
 
-async def _verify(request: web.Request, headers: dict[str, str], body: bytes) -> str:
-    settings = request.app[SETTINGS]
-    if settings.webhook_secret_header and settings.webhook_secret:
-        presented = headers.get(settings.webhook_secret_header.lower())
-        if not secret_matches(presented, settings.webhook_secret):
-            raise Refused(401, "bad_secret", "the shared secret header is wrong", "security")
-    if not settings.webhook_verify:
+async def _verify(request: web.Request, body: bytes) -> str:
+    if not request.app[SETTINGS].webhook_verify:
         return "skipped"
-    verification = await request.app[VERIFIER].verify(headers, body)
+    verification = await request.app[VERIFIER].verify(request.headers, body)
     if verification.refusal is not None:
         reason = verification.refusal.value
         status = _REFUSAL_STATUS[verification.refusal]
@@ -140,6 +157,10 @@ def _payload(request: web.Request, body: bytes) -> dict[str, object]:
             f"expected application/json, got {request.content_type}",
             "validation",
         )
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise Refused(
+            400, "too_deep", f"the body nests deeper than {MAX_JSON_DEPTH} levels", "validation"
+        )
     payload = _parse(body)
     if not isinstance(payload, dict):
         raise Refused(400, "not_an_object", "a track webhook body is a JSON object", "validation")
@@ -150,23 +171,27 @@ def _parse(body: bytes) -> object:
     """Any JSON (a delivery is never refused for its shape), its text Unicode."""
     try:
         return json_exact.loads(body)
-    except (ValueError, RecursionError):  # nested deeper than parsable too
+    except (ValueError, RecursionError):  # RecursionError: kept, should the depth limit grow
         raise Refused(400, "invalid_json", "the body is not valid JSON", "validation") from None
 
 
 async def _record_refusal(
-    request: web.Request, headers: dict[str, str], body: bytes, refused: Refused, verification: str
+    request: web.Request, body: bytes, refused: Refused, verification: str
 ) -> None:
-    request.app[METRICS].webhook_refusals.labels(refused.reason).inc()
+    """Counted always; stored as a sample when the ledger allows, else counted as unstored."""
+    metrics = request.app[METRICS]
+    metrics.webhook_refusals.labels(refused.reason).inc()
+    if not request.app[REFUSALS].store(refused.reason):
+        metrics.webhook_refusals_unstored.labels(refused.reason).inc()
+        # A line each would cost what storing it was spared: a flood is seen in the counts.
+        log.debug("webhook.refused", reason=refused.reason, status=refused.status, stored=False)
+        return
     log.warning("webhook.refused", reason=refused.reason, status=refused.status, bytes=len(body))
+    headers, kept = sample(request.headers, body, request.app[SETTINGS].webhook_secret_header)
     try:
         async with request.app[ENGINE].begin() as conn:
             await record_refusal(
-                conn,
-                headers=headers,
-                body=body[:REFUSED_BODY_BYTES],
-                refusal=refused.reason,
-                verification=verification,
+                conn, headers=headers, body=kept, refusal=refused.reason, verification=verification
             )
     except Exception:
         # The refusal is answered all the same; only its record is lost, and the log has it.
@@ -182,12 +207,3 @@ def _observe(request: web.Request, filed: FiledDelivery, status_code: str | None
         metrics.status_regressions.inc()
     if filed.rearmed:
         metrics.rearms.inc()
-
-
-def _headers(request: web.Request) -> dict[str, str]:
-    """All headers as received (names lower-cased, repeats joined), for later verification."""
-    headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return headers

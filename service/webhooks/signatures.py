@@ -342,8 +342,12 @@ def secret_matches(presented: str | None, expected: str) -> bool:
     """Whether the shared secret in our custom header is the one we registered.
 
     Constant time, so the comparison leaks nothing of the secret. An empty `expected` never
-    matches: an unset secret must not let every request through.
+    matches: an unset secret must not let every request through. Header bytes that are not
+    UTF-8 reach us as lone surrogates, which plain `.encode()` refuses; "surrogatepass" encodes
+    any string, and equal strings alike.
     """
     if presented is None or not expected:
         return False
-    return hmac.compare_digest(presented.encode(), expected.encode())
+    return hmac.compare_digest(
+        presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
