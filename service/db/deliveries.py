@@ -86,6 +86,7 @@ async def store_and_file(
     burst of retries of one delivery does not queue up on its subscription. Within the batch,
     the first of equal contents is the candidate original and the others its copies.
     """
+    await share_packages(conn, [item.update.tracking_number for item in incoming])
     db = await driver_connection(conn)
     first_of: dict[bytes, int] = {}
     for index, item in enumerate(incoming):
@@ -105,6 +106,44 @@ async def store_and_file(
     copies = [item for item, original in pairs if not original]
     filed, duplicates = await _file(db, to_file, rearm, copies, live)
     return [next(filed) if original else next(duplicates) for original in is_original]
+
+
+async def share_packages(conn: AsyncConnection, numbers: Iterable[str | None]) -> None:
+    """Hold the packages' filing locks in shared mode until the transaction ends.
+
+    Filing chooses a package's live subscription from one snapshot; a subscription created
+    meanwhile adopts the orphans it can see. Without these locks a subscription committed
+    between a delivery's snapshot and its commit saw no orphan, and the delivery saw no
+    subscription: it stayed an orphan. `subscribe` takes the same locks exclusively after its
+    INSERT, so each side waits for the other's commit and the second sees the first. Shared
+    among deliveries, they never wait for each other. Taken in key order by both sides, they
+    cannot deadlock. Run through SQLAlchemy, this statement also begins the transaction.
+    """
+    await conn.execute(_SHARE_PACKAGES, {"numbers": sorted({n for n in numbers if n})})
+
+
+async def lock_packages(conn: AsyncConnection, numbers: Iterable[str]) -> None:
+    """The packages' filing locks, exclusively, until the transaction ends (`share_packages`)."""
+    await conn.execute(_LOCK_PACKAGES, {"numbers": sorted(set(numbers))})
+
+
+# A package's lock is one of PACKAGE_LOCKS advisory locks, chosen by its tracking number (a
+# delivery may not name its carrier). Buckets, not one lock a package: advisory locks live in
+# PostgreSQL's shared lock table (max_locks_per_transaction x max_connections entries), which a
+# few bulk subscribes of 1,000 packages would otherwise fill; two packages that share a bucket
+# only wait for each other a little more often.
+PACKAGE_LOCKS = 256
+_PACKAGE_LOCK_SPACE = 0x7472  # the advisory lock space of these locks, apart from any other's
+_PACKAGE_KEYS = f"""
+    SELECT DISTINCT {_PACKAGE_LOCK_SPACE}::bigint << 32
+                    | (hashtextextended(n, 0) & {PACKAGE_LOCKS - 1}) AS k
+    FROM unnest(CAST(:numbers AS text[])) AS n
+    ORDER BY k
+"""
+_SHARE_PACKAGES = sa.text(
+    f"SELECT count(pg_advisory_xact_lock_shared(k)) FROM ({_PACKAGE_KEYS}) AS keys"
+)
+_LOCK_PACKAGES = sa.text(f"SELECT count(pg_advisory_xact_lock(k)) FROM ({_PACKAGE_KEYS}) AS keys")
 
 
 def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.db.deliveries import adopt_orphans
+from service.db.deliveries import adopt_orphans, lock_packages
 from service.db.driver import json_rows
 from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
 from service.domain.subscriptions import SubscriptionState
@@ -80,7 +80,12 @@ async def subscribe(
     transaction: a subscription is never seen without the history already known."""
     made = await create_subscriptions(conn, news)
     fresh = [(row["carrier_code"], row["tracking_number"]) for row, new in made if new]
-    adopted = await adopt_orphans(conn, fresh, rearm) if fresh else set()
+    if not fresh:
+        return made
+    # Orphans still being committed are waited for, and deliveries that wait for these
+    # packages will see the new subscriptions (`share_packages` says why).
+    await lock_packages(conn, [number for _, number in fresh])
+    adopted = await adopt_orphans(conn, fresh, rearm)
     if not adopted:
         return made
     return [
