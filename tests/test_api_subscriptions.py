@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import uuid
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.app import create_app
 from service.settings import Settings
+from tests.test_dashboard import log_in
 
 Client = TestClient[web.Request, web.Application]
 
@@ -264,6 +267,25 @@ async def test_bad_list_queries_get_400(api: Client, query: str, field_name: str
     assert response.status == 400
     document = await response.json()
     assert [error["field_name"] for error in document["errors"]] == [field_name]
+
+
+def forged_cursor(created_at: str) -> str:
+    raw = f"{created_at}|{uuid.uuid4()}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2026-11-20T10:00:00"],
+)
+@pytest.mark.parametrize("where", ["/v1/subscriptions", "/dashboard/subscriptions"])
+async def test_a_cursor_whose_time_is_out_of_range_gets_400(
+    api: Client, token: str, created_at: str, where: str
+) -> None:
+    if where.startswith("/dashboard"):
+        await log_in(api, token)
+    response = await api.get(f"{where}?cursor={forged_cursor(created_at)}")
+    assert response.status == 400, await response.text()
 
 
 async def test_cancel_marks_stopping_and_is_idempotent(api: Client) -> None:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -231,9 +231,17 @@ def decode_cursor(cursor: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created_at, subscription_id = raw.split("|")
-        return Cursor(datetime.fromisoformat(created_at), uuid.UUID(subscription_id))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return Cursor(_utc(datetime.fromisoformat(created_at)), uuid.UUID(subscription_id))
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadRequest.invalid("cursor is not one this service issued", "cursor") from None
+
+
+def _utc(moment: datetime) -> datetime:
+    """A cursor's time in UTC, as the database compares it. Year 1 at +14:00 parses, but is
+    before year 1 in UTC: OverflowError, where the driver would have raised it as a 500."""
+    if moment.tzinfo is None:
+        raise ValueError("a cursor's time has its offset")
+    return moment.astimezone(UTC)
 
 
 _CODES = {
