@@ -29,9 +29,7 @@ def configure_logging(level: str, secrets: Iterable[str] = ()) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    exceptions = structlog.processors.ExceptionRenderer(
-        ExceptionDictTransformer(show_locals=False)
-    )
+    exceptions = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 
     def serialize(event: Any, **kwargs: Any) -> bytes:
         # orjson: a line per webhook delivery made the standard library's encoder show up in
