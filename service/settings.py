@@ -53,6 +53,9 @@ class Settings:
     database_pool_timeout_s: float = 3.0
     """DATABASE_POOL_TIMEOUT_S: how long a request waits for a free connection before it is
     answered 503 with Retry-After."""
+    database_command_timeout_s: float = 15.0
+    """DATABASE_COMMAND_TIMEOUT_S: longest a statement (or a connection attempt, 5 s at most)
+    may take before the request is answered 503: a database gone silent is not waited for."""
     database_read_url: str | None = None
     """DATABASE_READ_URL: a replica for dashboard reads (lists, ops views); unset: the primary."""
     database_statement_cache: bool = True
@@ -170,6 +173,9 @@ class Settings:
             database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
             database_pool_timeout_s=optional(
                 "DATABASE_POOL_TIMEOUT_S", positive_float, cls.database_pool_timeout_s
+            ),
+            database_command_timeout_s=optional(
+                "DATABASE_COMMAND_TIMEOUT_S", positive_float, cls.database_command_timeout_s
             ),
             dispatch_concurrency=optional(
                 "DISPATCH_CONCURRENCY", positive_int, cls.dispatch_concurrency

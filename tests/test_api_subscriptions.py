@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import math
 import uuid
 from typing import Any
 
@@ -151,6 +152,20 @@ async def mark_stopped(engine: AsyncEngine, subscription_id: str) -> None:
         ),
         (
             {"carrier_code": "ups", "tracking_number": "1Z9", "metadata": {"x": "y" * 9000}},
+            "invalid_field_value",
+            "metadata",
+        ),
+        (
+            {"carrier_code": "ups", "tracking_number": "1Z9", "metadata": {"a": math.inf}},
+            "invalid_field_value",
+            "metadata",
+        ),
+        (  # past 64 bits, the standard library writes the JSON, and would write NaN
+            {
+                "carrier_code": "ups",
+                "tracking_number": "1Z9",
+                "metadata": {"a": math.nan, "b": 2**80},
+            },
             "invalid_field_value",
             "metadata",
         ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.app import create_app
@@ -255,3 +256,97 @@ async def test_a_connection_lost_between_two_driver_statements_is_discarded(
     async with engine.begin() as conn:
         driver = await driver_connection(conn)
         assert await driver.fetchval("SELECT 3") == 3
+
+
+# -- a database that goes silent -----------------------------------------------------------------
+
+
+class SilentableProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding without closing anything: what a
+    failover whose old primary vanished, or a network partition, looks like to a client."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def go_silent(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._flowing.wait()  # silent: the bytes are held, nothing is closed
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+@pytest.fixture
+async def silentable(database_url: str) -> AsyncIterator[tuple[SilentableProxy, str]]:
+    url = make_url(database_url)
+    proxy = SilentableProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    through = url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    yield proxy, through
+    proxy.resume()
+    await proxy.close()
+
+
+async def test_a_database_gone_silent_is_a_503_not_a_hang(
+    live_settings: Settings,
+    token: str,
+    silentable: tuple[SilentableProxy, str],
+    shipengine: RunningSimulator,
+) -> None:
+    proxy, through = silentable
+    settings = dataclasses.replace(
+        live_settings,
+        database_url=through,
+        database_command_timeout_s=0.5,
+        database_pool_timeout_s=0.5,
+    )
+    async with TestClient(TestServer(create_app(settings)), headers=bearer(token)) as api:
+        calls: list[Call] = [list_subscriptions, subscribe]
+
+        async def deliver(client: Client, n: int) -> ClientResponse:
+            return await signed_delivery(client, shipengine, n)
+
+        calls.append(deliver)
+        for n, call in enumerate(calls):
+            assert (await call(api, 10 * n)).status < 300
+        proxy.go_silent()
+        async with asyncio.timeout(20):  # a safety stop: a hang fails here, not in CI's limit
+            for n, call in enumerate(calls):
+                silent = await call(api, 10 * n + 1)
+                assert silent.status == 503, await silent.text()
+                assert silent.headers["Retry-After"].isdigit()
+        proxy.resume()
+        for n, call in enumerate(calls):
+            answers = [(await call(api, 10 * n + k)).status for k in range(2, 5)]
+            assert answers[-1] < 300, answers  # a dead connection costs one 503 at most

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import subscriptions as queries
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
+from service.db.errors import DatabaseOverloaded, is_unavailable
 from service.db.group_commit import GroupCommit
 from service.db.subscriptions import NewSubscription, Subscribed, create_subscription
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
@@ -160,3 +161,25 @@ async def test_subscribes_queued_together_share_one_commit(engine: AsyncEngine) 
     assert groups == [3]
     assert [created for _, created in answers] == [True, True, False]
     assert answers[2][0]["id"] == answers[0][0]["id"]
+
+
+async def test_past_its_queue_bound_a_group_commit_sheds_work_as_unavailable(
+    engine: AsyncEngine,
+) -> None:
+    release = asyncio.Event()
+
+    async def wait_then_echo(_: AsyncConnection, items: Sequence[int]) -> list[int]:
+        await release.wait()
+        return list(items)
+
+    group_commit: GroupCommit[int, int] = GroupCommit(
+        engine, wait_then_echo, lambda _: None, max_queued=2
+    )
+    waiting = await queued(group_commit, [1, 2])
+    with pytest.raises(DatabaseOverloaded) as shed:
+        await group_commit.submit(3)
+    assert is_unavailable(shed.value)
+    group_commit.start()
+    release.set()
+    assert await asyncio.gather(*waiting) == [1, 2]
+    await group_commit.close()

@@ -124,3 +124,16 @@ def test_configured_secrets_are_scrubbed_from_every_line(
 def test_sqlalchemy_errors_hide_their_parameters() -> None:
     engine = create_engine("postgresql://nobody@127.0.0.1:1/none")
     assert engine.sync_engine.hide_parameters
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_anything_shaped_like_a_token_or_a_session_cookie_is_scrubbed(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    logged = log_to(capfd)
+    token = issue_token()
+    logging.getLogger("library").warning("header %s", f"Bearer {token.plaintext}")
+    structlog.get_logger("test").info("cookie", raw="dashboard_session=AbCdEf0123456789_-xyz; x=1")
+    theirs, ours = logged()
+    assert theirs["event"] == f"header Bearer tt_{token.token_id}_***"
+    assert ours["raw"] == "dashboard_session=***; x=1"

@@ -142,6 +142,12 @@ async def test_no_log_line_holds_a_secret_a_token_or_a_session_id(
             url, "/v1/subscriptions", [b"Authorization: Bearer " + token.encode() + b"\xff"], b"{}"
         )
         assert status == 401
+        # Control bytes the HTTP parser refuses: it quotes the whole header line in its error.
+        for header in (
+            b"Authorization: Bearer " + token.encode() + b"\x7f",
+            b"Cookie: dashboard_session=" + session_id.encode() + b"\x01",
+        ):
+            assert await raw_post(url, "/v1/subscriptions", [header], b"{}") == 400
 
         # Failures behind a valid token, a valid signature and a live session: the tables they
         # need are gone, so each is an unexpected error, logged with its traceback.
@@ -176,6 +182,8 @@ async def test_no_log_line_holds_a_secret_a_token_or_a_session_id(
         for line in log.read_text(errors="replace").splitlines()
     ]
     assert any('"level":"error"' in line for line in lines)  # the failures were logged
+    # A request the parser refused is the sender's error: a line at INFO, not a traceback.
+    assert not [line for line in lines if "Error handling request" in line]
     token_secret = token.rsplit("_", 1)[1]
     for line in lines:
         for secret in (PASSWORD, WEBHOOK_SECRET, f"API-Key: {API_KEY}", session_id):

@@ -45,7 +45,15 @@ class SubscriptionIn(BaseModel):
         if value is not None and _depth(value) > METADATA_MAX_DEPTH:
             # Deeper than pydantic serialises (255): it would be stored, then never answered.
             raise ValueError(f"metadata must nest at most {METADATA_MAX_DEPTH} levels deep")
-        if value is not None and len(json.dumps(value)) > METADATA_MAX_BYTES:
+        if value is None:
+            return value
+        try:
+            # allow_nan=False: NaN and Infinity parse, but are not JSON: PostgreSQL refuses them
+            # (a 500), or orjson writes them as null (a silent change).
+            size = len(json.dumps(value, allow_nan=False))
+        except ValueError:
+            raise ValueError("metadata must hold finite numbers only") from None
+        if size > METADATA_MAX_BYTES:
             raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes of JSON")
         return value
 

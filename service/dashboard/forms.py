@@ -23,10 +23,29 @@ _UNDECODABLE = (ValueError, LookupError, RuntimeError, HttpProcessingError)
 async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
     """The posted form; a body that cannot be decoded is the sender's error (400), not ours."""
     try:
-        return await request.post()
+        form = await request.post()
     except _UNDECODABLE as error:
         log.info("dashboard.form_unreadable", path=request.path, error=type(error).__name__)
         raise Refused(400, UNREADABLE) from None
+    if not all(_storable(value) for value in form.values()):
+        # aiohttp decodes with whatever codec the charset names: `unicode_escape` turns `\ud800`
+        # into a lone surrogate, `%00` is a NUL. Neither can be rendered nor stored.
+        log.info("dashboard.form_unreadable", path=request.path, error="unstorable_text")
+        raise Refused(400, UNREADABLE)
+    return form
+
+
+def _storable(value: object) -> bool:
+    """Text PostgreSQL and a page can hold: UTF-8 without NUL (files are not read as text)."""
+    if not isinstance(value, str):
+        return True
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cross_site(request: web.Request, allowed_origin: str | None) -> str | None:

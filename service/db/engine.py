@@ -22,11 +22,15 @@ def asyncpg_dsn(database_url: str) -> str:
     )
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 def create_engine(
     database_url: str,
     *,
     pool_size: int = 10,
     pool_timeout_s: float = 3.0,
+    command_timeout_s: float = 15.0,
     statement_cache: bool = True,
 ) -> AsyncEngine:
     """`statement_cache=False` for PgBouncer in transaction mode, where a prepared statement
@@ -34,11 +38,16 @@ def create_engine(
 
     `pool_timeout_s` is how long a request waits for a free connection before it is answered
     503: short, so that a saturated database sheds load instead of queueing it for SQLAlchemy's
-    default 30 s."""
+    default 30 s. `command_timeout_s` bounds each statement (and each connection attempt, to
+    CONNECT_TIMEOUT_S at most): a database that goes silent (a failover whose old primary
+    vanished, a partition) answers nothing and resets nothing, and without a bound a request
+    waited for TCP to give up, about 15 minutes, instead of answering 503."""
     url = sqlalchemy_url(database_url)
     connect_args: dict[str, object] = {
         # Timestamps are read and written in UTC whatever the server's default zone.
         "server_settings": {"timezone": "UTC", "application_name": "tracking"},
+        "timeout": min(CONNECT_TIMEOUT_S, command_timeout_s),
+        "command_timeout": command_timeout_s,
     }
     if not statement_cache:
         url = url.update_query_dict({"prepared_statement_cache_size": "0"})
@@ -68,5 +77,6 @@ def engine_from(settings: Settings, *, read_only: bool = False) -> AsyncEngine:
         url,
         pool_size=settings.database_pool_size,
         pool_timeout_s=settings.database_pool_timeout_s,
+        command_timeout_s=settings.database_command_timeout_s,
         statement_cache=settings.database_statement_cache,
     )

@@ -6,8 +6,15 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 
 
+class DatabaseOverloaded(Exception):
+    """More work is waiting for the database than it is given time to do: shed it (503)."""
+
+
 def is_unavailable(error: BaseException) -> bool:
-    """True when the error means the database is down or unreachable, not a bad query."""
+    """True when the error means the database is down, unreachable or overloaded, not a bad
+    query."""
+    if isinstance(error, DatabaseOverloaded):
+        return True
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, sa_exc.TimeoutError):

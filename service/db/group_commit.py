@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db.errors import is_transient, is_unavailable
+from service.db.errors import DatabaseOverloaded, is_transient, is_unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +32,10 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 MAX_GROUP = 256
+# Items waiting at most: past it, a database that does not keep up (slow, or gone silent until
+# DATABASE_COMMAND_TIMEOUT_S) is answered 503 at once rather than holding every request's body
+# in memory meanwhile.
+MAX_QUEUED = 4096
 # Transactions in flight at once: while one waits on the database, the next group fills.
 WRITERS = 2
 TRANSIENT_ATTEMPTS = 3
@@ -49,8 +53,10 @@ class GroupCommit(Generic[In, Out]):
         engine: AsyncEngine,
         work: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Out]]],
         observe_group: Callable[[int], None],
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self._engine = engine
+        self._max_queued = max_queued
         self._work = work
         self._observe_group = observe_group
         self._queue: collections.deque[_Waiting[In, Out]] = collections.deque()
@@ -76,6 +82,8 @@ class GroupCommit(Generic[In, Out]):
         """Do `item`'s work; returns its result once it is committed."""
         if self._closing:
             raise RuntimeError("group commit is closed")
+        if len(self._queue) >= self._max_queued:
+            raise DatabaseOverloaded(f"{len(self._queue)} items already wait to be committed")
         answer: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         answer.add_done_callback(_retrieve)
         self._queue.append(_Waiting(item, answer))
@@ -106,7 +114,9 @@ class GroupCommit(Generic[In, Out]):
                 await self._commit(group, attempt + 1)
                 return
             if len(group) > 1 and not is_unavailable(error):
-                log.warning("group_commit.group_failed", items=len(group), error=repr(error))
+                log.warning(
+                    "group_commit.group_failed", items=len(group), error=type(error).__name__
+                )
                 for waiting in group:
                     await self._commit([waiting])
                 return

@@ -143,7 +143,9 @@ class Dispatcher:
                 outage_s = min(max(outage_s * 2, 0.5), OUTAGE_BACKOFF_MAX_S)
                 if is_unavailable(error):
                     log.warning(
-                        "dispatch.database_unavailable", error=str(error), retry_in_s=outage_s
+                        "dispatch.database_unavailable",
+                        error=type(error).__name__,
+                        retry_in_s=outage_s,
                     )
                 else:
                     log.exception("dispatch.claim_failed", retry_in_s=outage_s)
@@ -229,7 +231,9 @@ class Dispatcher:
                     if time.monotonic() + backoff_s > deadline or not is_unavailable(error):
                         log.exception("dispatch.record_failed", calls=len(batch))
                         return
-                    log.warning("dispatch.record_retry", error=str(error), retry_in_s=backoff_s)
+                    log.warning(
+                        "dispatch.record_retry", error=type(error).__name__, retry_in_s=backoff_s
+                    )
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
             for result, moved in zip(batch, moves, strict=True):
@@ -297,7 +301,7 @@ class Dispatcher:
             listener = await asyncpg.connect(asyncpg_dsn(self._database_url), timeout=5)
             await listener.add_listener(dispatch.DISPATCH_CHANNEL, self._notified)
         except (OSError, TimeoutError, asyncpg.PostgresError) as error:
-            log.warning("dispatch.listen_unavailable", error=str(error))
+            log.warning("dispatch.listen_unavailable", error=type(error).__name__)
             self._listener = None
             return
         self._listener = listener
