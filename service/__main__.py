@@ -14,7 +14,7 @@ from aiohttp import web
 from service import cli_ops, cli_tokens
 from service.gc_tuning import tune_for_serving
 from service.logs import configure_logging
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, markdown_table
 
 
 def _api() -> None:
@@ -95,7 +95,16 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser(name, help=help_text)
     cli_tokens.add_parser(commands)
     cli_ops.add_parsers(commands)
+    documented = commands.add_parser("settings", help="document every environment variable")
+    documented.add_argument(
+        "--markdown", action="store_true", required=True, help="as README's table"
+    )
     args = parser.parse_args(argv)
+    if args.command == "settings":
+        from service.simulator.config import SimulatorConfig
+
+        print(markdown_table(Settings, SimulatorConfig))
+        return
     try:
         if args.command == "tokens":
             raise SystemExit(cli_tokens.run(Settings.from_env(os.environ), args))

@@ -56,7 +56,7 @@ async def run(environ: Mapping[str, str]) -> None:
             runners.append(
                 await _serve(create_simulator_app(simulator), simulator.host, simulator.port)
             )
-            env["SHIPENGINE_API_KEY"] = simulator.api_key
+            env["SHIPENGINE_API_KEY"] = simulator.api_key.get_secret_value()
             env["SHIPENGINE_BASE_URL"] = simulator.public_url
         settings = Settings.from_env(env)
         configure_logging(settings.log_level, settings.secret_values())
@@ -99,7 +99,10 @@ async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
     """Point the simulator's `track` webhook at us, as one does once with ShipEngine."""
     async with aiohttp.ClientSession() as session:
         client = ShipEngineClient(
-            session, base_url=simulator.public_url, api_key=simulator.api_key, timeout_s=10
+            session,
+            base_url=simulator.public_url,
+            api_key=simulator.api_key.get_secret_value(),
+            timeout_s=10,
         )
         await client.register_track_webhook(url)
     log.info("devstack.webhook_registered", url=url)

@@ -1,8 +1,10 @@
 """Settings: read once, at start, from environment variables; frozen afterwards.
 
-Every setting is documented here and in the README. Names carry their unit (`_s`, `_bytes`).
-A missing or malformed value raises `SettingsError` naming the variable, which the entry
-point prints as one line before exiting.
+A setting is one declaration: a field whose type parses and checks its variable's text, and
+whose `setting(default, meaning)` documents it for README's configuration table (generated:
+`python -m service settings --markdown`). The variable is the field's name in capitals, after
+the class's `ENV_PREFIX`. Names carry their unit (`_s`, `_bytes`). A missing or malformed value
+raises `SettingsError` naming the variable, which the entry point prints as one line.
 """
 
 from __future__ import annotations
@@ -10,300 +12,108 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from service.domain.subscriptions import Budget
 from service.domain.tracking import RearmPolicy
 
 SHIPENGINE_PRODUCTION_URL = "https://api.shipengine.com"
 
-T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names the variable."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
-class Settings:
-    database_url: str
-    """DATABASE_URL: `postgresql://user:pass@host:port/db` of the service's database."""
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on every interface
-    """HOST: address the HTTP API listens on."""
-    port: int = 8080
-    """PORT: port the HTTP API listens on."""
-    api_workers: int = 1
-    """API_WORKERS: API processes sharing the port (SO_REUSEPORT); one per core to use them all."""
-    shipengine_api_key: str | None = None
-    """SHIPENGINE_API_KEY: ShipEngine API key; the dispatcher needs it, the API does not."""
-    shipengine_base_url: str = SHIPENGINE_PRODUCTION_URL
-    """SHIPENGINE_BASE_URL: ShipEngine's base URL (the simulator's, locally)."""
-    shipengine_jwks_url: str = ""
-    """SHIPENGINE_JWKS_URL: where ShipEngine's webhook signing keys are; `<base>/jwks`."""
-    shipengine_timeout_s: float = 10.0
-    """SHIPENGINE_TIMEOUT_S: total time allowed for one ShipEngine call."""
-    shipengine_rate_limit_per_minute: int = 200
-    """SHIPENGINE_RATE_LIMIT_PER_MINUTE: calls a minute for the account, all instances together
-    (0: no limit)."""
-    log_level: str = "INFO"
-    """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
-    database_pool_size: int = 10
-    """DATABASE_POOL_SIZE: connections each process keeps to PostgreSQL."""
-    database_pool_timeout_s: float = 3.0
-    """DATABASE_POOL_TIMEOUT_S: how long a request waits for a free connection before it is
-    answered 503 with Retry-After."""
-    database_command_timeout_s: float = 15.0
-    """DATABASE_COMMAND_TIMEOUT_S: longest a statement (or a connection attempt, 5 s at most)
-    may take before the request is answered 503: a database gone silent is not waited for."""
-    database_read_url: str | None = None
-    """DATABASE_READ_URL: a replica for dashboard reads (lists, ops views); unset: the primary."""
-    database_statement_cache: bool = True
-    """DATABASE_STATEMENT_CACHE: false behind PgBouncer in transaction mode."""
-    dispatch_concurrency: int = 32
-    """DISPATCH_CONCURRENCY: ShipEngine calls one dispatcher keeps in flight at most."""
-    dispatch_lease_s: float = 60.0
-    """DISPATCH_LEASE_S: how long a claim lasts; a dead dispatcher's claims expire after it."""
-    dispatch_poll_interval_s: float = 5.0
-    """DISPATCH_POLL_INTERVAL_S: longest sleep between looks for due work (NOTIFY wakes sooner)."""
-    dispatch_retry_base_s: float = 5.0
-    """DISPATCH_RETRY_BASE_S: first retry delay; doubles each attempt, with full jitter."""
-    dispatch_retry_max_s: float = 600.0
-    """DISPATCH_RETRY_MAX_S: the cap of the retry delay."""
-    dispatch_max_attempts: int = 20
-    """DISPATCH_MAX_ATTEMPTS: failed calls before a subscription is given up (`failed`)."""
-    dispatch_account_probe_s: float = 60.0
-    """DISPATCH_ACCOUNT_PROBE_S: while our account is refused, one probe call this often."""
-    dispatch_shutdown_grace_s: float = 10.0
-    """DISPATCH_SHUTDOWN_GRACE_S: on SIGTERM, how long in-flight calls may take to finish."""
-    dispatcher_status_port: int = 0
-    """DISPATCHER_STATUS_PORT: where a dispatcher process serves /healthz, /readyz and /metrics
-    (0: nowhere)."""
-    webhook_max_bytes: int = 1024 * 1024
-    """WEBHOOK_MAX_BYTES: largest webhook body accepted; larger ones get 413."""
-    webhook_verify: bool = True
-    """WEBHOOK_VERIFY: check ShipEngine's signature on every delivery; `false` only locally."""
-    webhook_keys_refresh_s: float = 60.0
-    """WEBHOOK_KEYS_REFRESH_S: an unknown key id fetches ShipEngine's keys again, at most this
-    often, whatever senders send."""
-    webhook_timestamp_tolerance_s: float = 300.0
-    """WEBHOOK_TIMESTAMP_TOLERANCE_S: a signature timestamp further from now is a replay."""
-    webhook_secret_header: str | None = None
-    """WEBHOOK_SECRET_HEADER: a custom header ShipEngine sends (set at registration) ..."""
-    webhook_secret: str | None = None
-    """WEBHOOK_SECRET: ... and the value it must carry, compared in constant time."""
-    webhook_refusal_sample_per_minute: int = 60
-    """WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE: refused deliveries each API process stores a minute
-    at most (a sample, 4 KiB each); the rest, and requests without signature headers, are only
-    counted (0: count them all, store none)."""
-    reconcile_interval_s: float = 60.0
-    """RECONCILE_INTERVAL_S: how often the reconciler looks for silent packages."""
-    reconcile_batch: int = 50
-    """RECONCILE_BATCH: packages polled at most per round."""
-    tracking_done_after_s: float = 3 * 24 * 3600.0
-    """TRACKING_DONE_AFTER_S: after DE/SP plus this long, a subscription is done: no polls."""
-    tracking_ex_rearm_max: int = 3
-    """TRACKING_EX_REARM_MAX: times tracking is restarted after an EX (ShipEngine stops on EX)."""
-    tracking_ex_rearm_delay_s: float = 900.0
-    """TRACKING_EX_REARM_DELAY_S: how long after an EX tracking is restarted."""
-    delivery_retention_days: int = 35
-    """DELIVERY_RETENTION_DAYS: raw webhook deliveries are dropped, a week at a time, after."""
-    event_retention_days: int = 400
-    """EVENT_RETENTION_DAYS: tracking history is dropped, a month of subscriptions at a time,
-    this long after its subscription was created."""
-    dashboard_cookie_secure: bool = True
-    """DASHBOARD_COOKIE_SECURE: the dashboard's session cookie is `Secure` (sent over HTTPS
-    only); `false` only for plain HTTP, as under `make run`."""
-    dashboard_origin: str | None = None
-    """DASHBOARD_ORIGIN: the dashboard's public origin (`https://host[:port]`), when a proxy in
-    front rewrites the Host header; login posts from it are same-site."""
+def parsed(parse: Callable[[str], object]) -> BeforeValidator:
+    """Text, as the environment gives it, is parsed and checked by `parse` (a ValueError is the
+    message after the variable's name); a value set in code is only checked for its type."""
+    return BeforeValidator(lambda value: parse(value) if isinstance(value, str) else value)
 
-    def __post_init__(self) -> None:
-        if not self.shipengine_jwks_url:
-            jwks = self.shipengine_base_url.rstrip("/") + "/jwks"
-            object.__setattr__(self, "shipengine_jwks_url", jwks)
-        if not self.webhook_verify and self.shipengine_base_url == SHIPENGINE_PRODUCTION_URL:
-            raise SettingsError(
-                "WEBHOOK_VERIFY: may be false only with a local SHIPENGINE_BASE_URL "
-                "(the simulator), never with ShipEngine's own"
-            )
-        if bool(self.webhook_secret_header) != bool(self.webhook_secret):
-            raise SettingsError(
-                "WEBHOOK_SECRET_HEADER: set together with WEBHOOK_SECRET, or neither"
-            )
-        if self.delivery_retention_days > self.event_retention_days:
-            # A delivery is the evidence for events: kept no longer than what it explains.
-            raise SettingsError(
-                "DELIVERY_RETENTION_DAYS: must not be longer than EVENT_RETENTION_DAYS "
-                f"({self.delivery_retention_days} > {self.event_retention_days})"
-            )
-        if self.dispatch_lease_s <= self.shipengine_timeout_s:
-            # A claim must outlive its call, or a second dispatcher could call while the first
-            # is still waiting for ShipEngine's answer.
-            raise SettingsError(
-                f"DISPATCH_LEASE_S: must be longer than SHIPENGINE_TIMEOUT_S "
-                f"({self.dispatch_lease_s} <= {self.shipengine_timeout_s})"
-            )
+
+def setting(
+    default: Any, meaning: str, *, shown: str | None = None, note: str | None = None
+) -> Any:
+    """A setting's default (`...`: required) and meaning, as README's table shows them: the
+    default in backticks, then `(note)`; or, where the value alone would mislead, `shown`."""
+    return Field(default, description=meaning, json_schema_extra={"shown": shown, "note": note})
+
+
+@dataclass(frozen=True, kw_only=True)
+class FromEnvironment:
+    """Settings read with `from_env`, one variable per field: `ENV_PREFIX` + its name."""
+
+    ENV_PREFIX: ClassVar[str] = ""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        read = EnvReader(env)
-        optional = read.optional
-        return cls(
-            database_url=read.required("DATABASE_URL", postgres_url),
-            host=optional("HOST", text, cls.host),
-            port=optional("PORT", port_number, cls.port),
-            api_workers=optional("API_WORKERS", positive_int, cls.api_workers),
-            shipengine_api_key=optional("SHIPENGINE_API_KEY", text, None),
-            shipengine_base_url=optional("SHIPENGINE_BASE_URL", http_url, cls.shipengine_base_url),
-            shipengine_jwks_url=optional("SHIPENGINE_JWKS_URL", http_url, ""),
-            shipengine_timeout_s=optional(
-                "SHIPENGINE_TIMEOUT_S", positive_float, cls.shipengine_timeout_s
-            ),
-            shipengine_rate_limit_per_minute=optional(
-                "SHIPENGINE_RATE_LIMIT_PER_MINUTE",
-                non_negative_int,
-                cls.shipengine_rate_limit_per_minute,
-            ),
-            log_level=optional("LOG_LEVEL", log_level, cls.log_level),
-            database_read_url=optional("DATABASE_READ_URL", postgres_url, None),
-            database_statement_cache=optional(
-                "DATABASE_STATEMENT_CACHE", boolean, cls.database_statement_cache
-            ),
-            database_pool_size=optional("DATABASE_POOL_SIZE", positive_int, cls.database_pool_size),
-            database_pool_timeout_s=optional(
-                "DATABASE_POOL_TIMEOUT_S", positive_float, cls.database_pool_timeout_s
-            ),
-            database_command_timeout_s=optional(
-                "DATABASE_COMMAND_TIMEOUT_S", positive_float, cls.database_command_timeout_s
-            ),
-            dispatch_concurrency=optional(
-                "DISPATCH_CONCURRENCY", positive_int, cls.dispatch_concurrency
-            ),
-            dispatch_lease_s=optional("DISPATCH_LEASE_S", positive_float, cls.dispatch_lease_s),
-            dispatch_poll_interval_s=optional(
-                "DISPATCH_POLL_INTERVAL_S", positive_float, cls.dispatch_poll_interval_s
-            ),
-            dispatch_retry_base_s=optional(
-                "DISPATCH_RETRY_BASE_S", positive_float, cls.dispatch_retry_base_s
-            ),
-            dispatch_retry_max_s=optional(
-                "DISPATCH_RETRY_MAX_S", positive_float, cls.dispatch_retry_max_s
-            ),
-            dispatch_max_attempts=optional(
-                "DISPATCH_MAX_ATTEMPTS", positive_int, cls.dispatch_max_attempts
-            ),
-            dispatch_account_probe_s=optional(
-                "DISPATCH_ACCOUNT_PROBE_S", positive_float, cls.dispatch_account_probe_s
-            ),
-            dispatch_shutdown_grace_s=optional(
-                "DISPATCH_SHUTDOWN_GRACE_S", non_negative_float, cls.dispatch_shutdown_grace_s
-            ),
-            dispatcher_status_port=optional(
-                "DISPATCHER_STATUS_PORT", port_number, cls.dispatcher_status_port
-            ),
-            webhook_max_bytes=optional("WEBHOOK_MAX_BYTES", positive_int, cls.webhook_max_bytes),
-            webhook_verify=optional("WEBHOOK_VERIFY", boolean, cls.webhook_verify),
-            webhook_keys_refresh_s=optional(
-                "WEBHOOK_KEYS_REFRESH_S", positive_float, cls.webhook_keys_refresh_s
-            ),
-            webhook_timestamp_tolerance_s=optional(
-                "WEBHOOK_TIMESTAMP_TOLERANCE_S", positive_float, cls.webhook_timestamp_tolerance_s
-            ),
-            webhook_secret_header=optional("WEBHOOK_SECRET_HEADER", text, None),
-            webhook_secret=optional("WEBHOOK_SECRET", text, None),
-            webhook_refusal_sample_per_minute=optional(
-                "WEBHOOK_REFUSAL_SAMPLE_PER_MINUTE",
-                non_negative_int,
-                cls.webhook_refusal_sample_per_minute,
-            ),
-            reconcile_interval_s=optional(
-                "RECONCILE_INTERVAL_S", positive_float, cls.reconcile_interval_s
-            ),
-            reconcile_batch=optional("RECONCILE_BATCH", positive_int, cls.reconcile_batch),
-            tracking_done_after_s=optional(
-                "TRACKING_DONE_AFTER_S", positive_float, cls.tracking_done_after_s
-            ),
-            tracking_ex_rearm_max=optional(
-                "TRACKING_EX_REARM_MAX", non_negative_int, cls.tracking_ex_rearm_max
-            ),
-            tracking_ex_rearm_delay_s=optional(
-                "TRACKING_EX_REARM_DELAY_S", positive_float, cls.tracking_ex_rearm_delay_s
-            ),
-            delivery_retention_days=optional(
-                "DELIVERY_RETENTION_DAYS", positive_int, cls.delivery_retention_days
-            ),
-            event_retention_days=optional(
-                "EVENT_RETENTION_DAYS", positive_int, cls.event_retention_days
-            ),
-            dashboard_cookie_secure=optional(
-                "DASHBOARD_COOKIE_SECURE", boolean, cls.dashboard_cookie_secure
-            ),
-            dashboard_origin=optional("DASHBOARD_ORIGIN", web_origin, None),
-        )
-
-    def __repr__(self) -> str:
-        """Every field, secrets as `***` (passwords inside URLs too): a settings object in a
-        traceback or a debugger's output shows no secret."""
-        shown = (
-            f"{field.name}={_masked(field.name, getattr(self, field.name))!r}"
-            for field in dataclasses.fields(self)
-        )
-        return f"Settings({', '.join(shown)})"
-
-    def secret_values(self) -> list[str]:
-        """The values that no log line may show, as they are written and as they are read."""
-        values = [self.shipengine_api_key, self.webhook_secret]
-        for url in (self.database_url, self.database_read_url):
-            password = urlsplit(url).password if url else None
-            values += [password, unquote(password)] if password else []
-        return [value for value in values if value]
-
-    @property
-    def budget(self) -> Budget:
-        return Budget(
-            rate_per_minute=self.shipengine_rate_limit_per_minute,
-            account_probe_s=self.dispatch_account_probe_s,
-        )
-
-    @property
-    def rearm_policy(self) -> RearmPolicy:
-        return RearmPolicy(
-            max_rearms=self.tracking_ex_rearm_max, delay_s=self.tracking_ex_rearm_delay_s
-        )
-
-    def require_api_key(self) -> str:
-        if not self.shipengine_api_key:
-            raise SettingsError("SHIPENGINE_API_KEY: required to call ShipEngine, but not set")
-        return self.shipengine_api_key
-
-
-class EnvReader:
-    """Reads variables, turning a parser's ValueError into a SettingsError naming the variable."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def required(self, name: str, parse: Callable[[str], T]) -> T:
-        raw = self._env.get(name, "").strip()
-        if not raw:
-            raise SettingsError(f"{name}: required, but not set")
-        return self._parse(name, raw, parse)
-
-    def optional(self, name: str, parse: Callable[[str], T], default: T) -> T:
-        raw = self._env.get(name, "").strip()
-        return self._parse(name, raw, parse) if raw else default
-
-    @staticmethod
-    def _parse(name: str, raw: str, parse: Callable[[str], T]) -> T:
+    def from_env(cls, env: Mapping[str, str]) -> Self:
+        """Each field from its variable, surrounding whitespace stripped; empty is unset."""
+        values: dict[str, str] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(cls.variable(field.name), "").strip()
+            if raw:
+                values[field.name] = raw
         try:
-            return parse(raw)
-        except ValueError as error:
-            raise SettingsError(f"{name}: {error}") from None
+            return cls(**values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            name = cls.variable(str(first["loc"][0])) if first["loc"] else cls.__name__
+            raise SettingsError(f"{name}: {_message(first)}") from None
+
+    @classmethod
+    def variable(cls, field_name: str) -> str:
+        return cls.ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def markdown_rows(cls) -> list[str]:
+        """One row of README's configuration table per setting."""
+        rows = []
+        for field in dataclasses.fields(cls):
+            info = cls.__pydantic_fields__[field.name]  # type: ignore[attr-defined]
+            extra = info.json_schema_extra
+            if not isinstance(extra, dict):
+                raise TypeError(f"{cls.__name__}.{field.name}: declared without setting()")
+            default = str(extra["shown"] or _shown(info))
+            if extra["note"]:
+                default += f" ({extra['note']})"
+            rows.append(f"| `{cls.variable(field.name)}` | {default} | {info.description} |")
+        return rows
 
 
-def text(raw: str) -> str:
-    return raw
+def markdown_table(*classes: type[FromEnvironment]) -> str:
+    """README's configuration table: every setting of `classes`, in declaration order."""
+    rows = [row for cls in classes for row in cls.markdown_rows()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
+
+
+def _shown(info: FieldInfo) -> str:
+    if info.is_required():
+        return "(required)"
+    default = info.default
+    if default is None:
+        return "unset"
+    if isinstance(default, SecretStr):
+        default = default.get_secret_value()
+    if isinstance(default, bool):
+        default = str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"`{default}`"
+
+
+def _message(error: ErrorDetails) -> str:
+    if error["type"] == "missing":
+        return "required, but not set"
+    if error["type"] == "value_error":
+        return str(error.get("ctx", {})["error"])  # a parser's own words
+    return error["msg"]
 
 
 def boolean(raw: str) -> bool:
@@ -336,46 +146,11 @@ def web_origin(raw: str) -> str:
     return f"{parts.scheme}://{parts.netloc}".lower()
 
 
-def port_number(raw: str) -> int:
-    value = integer(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a port number, got {raw!r}")
-    return value
-
-
-def positive_int(raw: str) -> int:
-    value = integer(raw)
-    if value <= 0:
-        raise ValueError(f"must be a positive integer, got {raw!r}")
-    return value
-
-
-def non_negative_int(raw: str) -> int:
-    value = integer(raw)
-    if value < 0:
-        raise ValueError(f"must be zero or more, got {raw!r}")
-    return value
-
-
 def integer(raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"must be an integer, got {raw!r}") from None
-
-
-def positive_float(raw: str) -> float:
-    value = finite_float(raw)
-    if value <= 0:
-        raise ValueError(f"must be a positive number, got {raw!r}")
-    return value
-
-
-def non_negative_float(raw: str) -> float:
-    value = finite_float(raw)
-    if value < 0:
-        raise ValueError(f"must be zero or more, got {raw!r}")
-    return value
 
 
 def finite_float(raw: str) -> float:
@@ -389,6 +164,27 @@ def finite_float(raw: str) -> float:
     return value
 
 
+def checked(
+    number: Callable[[str], N], fits: Callable[[N], bool], must_be: str
+) -> Callable[[str], N]:
+    """A parser of `number`s that refuses those that do not fit, in the words of `must_be`."""
+
+    def parse(raw: str) -> N:
+        value = number(raw)
+        if not fits(value):
+            raise ValueError(f"must be {must_be}, got {raw!r}")
+        return value
+
+    return parse
+
+
+port_number = checked(integer, lambda value: 0 <= value <= 65535, "a port number")
+positive_int = checked(integer, lambda value: value > 0, "a positive integer")
+non_negative_int = checked(integer, lambda value: value >= 0, "zero or more")
+positive_float = checked(finite_float, lambda value: value > 0, "a positive number")
+non_negative_float = checked(finite_float, lambda value: value >= 0, "zero or more")
+
+
 def log_level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -396,16 +192,232 @@ def log_level(raw: str) -> str:
     return level
 
 
-_SECRET_FIELDS = frozenset({"shipengine_api_key", "webhook_secret"})
-_URL_FIELDS = frozenset({"database_url", "database_read_url"})
+# What a variable's text may be; in code, values are only checked for their type.
+Flag = Annotated[bool, parsed(boolean)]
+Port = Annotated[int, parsed(port_number)]
+PositiveInt = Annotated[int, parsed(positive_int)]
+ZeroOrMoreInt = Annotated[int, parsed(non_negative_int)]
+PositiveFloat = Annotated[float, parsed(positive_float)]
+ZeroOrMoreFloat = Annotated[float, parsed(non_negative_float)]
+HttpURL = Annotated[str, parsed(http_url)]
+PostgresURL = Annotated[str, parsed(postgres_url)]
+WebOrigin = Annotated[str, parsed(web_origin)]
+LogLevel = Annotated[str, parsed(log_level)]
 
 
-def _masked(name: str, value: object) -> object:
-    if value and name in _SECRET_FIELDS:
-        return "***"
-    if isinstance(value, str) and name in _URL_FIELDS:
-        return mask_url(value)
-    return value
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Settings(FromEnvironment):
+    """The service's settings: the API's, the dispatcher's and the ops commands'."""
+
+    database_url: PostgresURL = setting(
+        ..., "the service's database, `postgresql://user:pass@host:5432/db`"
+    )
+    host: str = setting(
+        "0.0.0.0",  # noqa: S104 - a service in a container listens on every interface
+        "address the API listens on",
+        note="`127.0.0.1` under `make run`",
+    )
+    port: Port = setting(8080, "port the API listens on")
+    api_workers: PositiveInt = setting(
+        1,
+        "API processes sharing the port (SO_REUSEPORT), forked at start; one per core uses them "
+        "all. A worker that dies stops the rest, so the supervisor restarts the whole",
+    )
+    shipengine_api_key: SecretStr | None = setting(
+        None,
+        "ShipEngine API key; the dispatcher needs it, the API does not",
+        shown="(required by the dispatcher)",
+    )
+    shipengine_base_url: HttpURL = setting(
+        SHIPENGINE_PRODUCTION_URL, "ShipEngine, or the simulator"
+    )
+    shipengine_jwks_url: HttpURL = setting(
+        "", "ShipEngine's webhook signing keys", shown="`<base>/jwks`"
+    )
+    shipengine_timeout_s: PositiveFloat = setting(10.0, "time allowed for one ShipEngine call")
+    shipengine_rate_limit_per_minute: ZeroOrMoreInt = setting(
+        200, "the account's budget, shared by every dispatcher of every instance (`0`: no limit)"
+    )
+    log_level: LogLevel = setting(
+        "INFO", "`DEBUG`, `INFO`, `WARNING`, `ERROR`; logs are JSON lines on stdout"
+    )
+    database_pool_size: PositiveInt = setting(10, "connections each process keeps to PostgreSQL")
+    database_pool_timeout_s: PositiveFloat = setting(
+        3.0,
+        "how long a request waits for a free connection before it is answered 503 with "
+        "`Retry-After`",
+    )
+    database_command_timeout_s: PositiveFloat = setting(
+        15.0,
+        "longest a statement (or a connection attempt, 5 s at most) may take before the request "
+        "is answered 503: a database gone silent is not waited for",
+    )
+    database_read_url: PostgresURL | None = setting(
+        None, "a replica for dashboard reads (lists, ops views)", note="the primary"
+    )
+    database_statement_cache: Flag = setting(True, "`false` behind PgBouncer in transaction mode")
+    dispatch_concurrency: PositiveInt = setting(
+        32, "ShipEngine calls one dispatcher keeps in flight"
+    )
+    dispatch_lease_s: PositiveFloat = setting(
+        60.0,
+        "how long a claim lasts before another dispatcher may take it (a dead dispatcher's "
+        "claims expire after it); must exceed `SHIPENGINE_TIMEOUT_S`",
+    )
+    dispatch_poll_interval_s: PositiveFloat = setting(
+        5.0, "longest sleep between looks for work (NOTIFY wakes sooner)"
+    )
+    dispatch_retry_base_s: PositiveFloat = setting(
+        5.0, "first retry delay; doubles per attempt, full jitter"
+    )
+    dispatch_retry_max_s: PositiveFloat = setting(600.0, "cap of the retry delay")
+    dispatch_max_attempts: PositiveInt = setting(
+        20, "failed calls (5xx, timeouts...) before a subscription is `failed` with its last error"
+    )
+    dispatch_account_probe_s: PositiveFloat = setting(
+        60.0, "while ShipEngine refuses our account, one probe call this often"
+    )
+    dispatch_shutdown_grace_s: ZeroOrMoreFloat = setting(
+        10.0, "on SIGTERM, how long in-flight calls may take before their claims are released"
+    )
+    dispatcher_status_port: Port = setting(
+        0,
+        "a dispatcher process serves `/healthz`, `/readyz` and `/metrics` here (`/metrics` to a "
+        "`metrics` token, as on the API's port)",
+        note="off",
+    )
+    webhook_max_bytes: PositiveInt = setting(
+        1024 * 1024, "largest webhook or request body; larger gets 413"
+    )
+    webhook_verify: Flag = setting(
+        True, "verify ShipEngine's signatures; `false` only with a local `SHIPENGINE_BASE_URL`"
+    )
+    webhook_keys_refresh_s: PositiveFloat = setting(
+        60.0, "an unknown key id refetches the JWKS at most this often, whatever senders send"
+    )
+    webhook_timestamp_tolerance_s: PositiveFloat = setting(
+        300.0, "a signature timestamp further from now is a replay"
+    )
+    webhook_secret_header: str | None = setting(
+        None, "a custom header the webhook registration adds; set with `WEBHOOK_SECRET`"
+    )
+    webhook_secret: SecretStr | None = setting(
+        None, "the value `WEBHOOK_SECRET_HEADER` must carry, compared in constant time"
+    )
+    webhook_refusal_sample_per_minute: ZeroOrMoreInt = setting(
+        60,
+        "refused webhooks each API process stores a minute at most, as samples of 4 KiB; the "
+        "rest, and every request without signature headers, are only counted (`0`: store none)",
+    )
+    dashboard_cookie_secure: Flag = setting(
+        True,
+        "the dashboard's session cookie is `Secure` (sent over HTTPS only); decided by this "
+        "setting alone, never by the request's Host. `false` only for plain HTTP on loopback",
+        note="`false` under `make run` and `docker compose`",
+    )
+    dashboard_origin: WebOrigin | None = setting(
+        None,
+        "the dashboard's public origin (`https://tracking.example.com`) when a proxy in front "
+        "rewrites the `Host` header; logins posted from it count as same-site",
+    )
+    reconcile_interval_s: PositiveFloat = setting(
+        60.0, "how often the reconciler looks for silent packages"
+    )
+    reconcile_batch: PositiveInt = setting(50, "packages polled at most per round")
+    tracking_done_after_s: PositiveFloat = setting(
+        3 * 24 * 3600.0, "after DE/SP plus this, a subscription costs nothing more", note="3 days"
+    )
+    tracking_ex_rearm_max: ZeroOrMoreInt = setting(
+        3, "restarts of tracking after an EX (ShipEngine stops on EX)"
+    )
+    tracking_ex_rearm_delay_s: PositiveFloat = setting(900.0, "delay of such a restart")
+    delivery_retention_days: PositiveInt = setting(
+        35, "raw webhook deliveries are dropped, a week's partition at a time, after this"
+    )
+    event_retention_days: PositiveInt = setting(
+        400,
+        "tracking history is dropped this long after its subscription was created (a month's "
+        "partition at a time); not shorter than the above",
+    )
+
+    @model_validator(mode="after")
+    def _rules_between_settings(self) -> Self:
+        """A SettingsError passes through pydantic as it is: the variable named, in code too."""
+        if not self.shipengine_jwks_url:
+            jwks = self.shipengine_base_url.rstrip("/") + "/jwks"
+            object.__setattr__(self, "shipengine_jwks_url", jwks)
+        if not self.webhook_verify and self.shipengine_base_url == SHIPENGINE_PRODUCTION_URL:
+            raise SettingsError(
+                "WEBHOOK_VERIFY: may be false only with a local SHIPENGINE_BASE_URL "
+                "(the simulator), never with ShipEngine's own"
+            )
+        if bool(self.webhook_secret_header) != bool(self.webhook_secret):
+            raise SettingsError(
+                "WEBHOOK_SECRET_HEADER: set together with WEBHOOK_SECRET, or neither"
+            )
+        if self.delivery_retention_days > self.event_retention_days:
+            # A delivery is the evidence for events: kept no longer than what it explains.
+            raise SettingsError(
+                "DELIVERY_RETENTION_DAYS: must not be longer than EVENT_RETENTION_DAYS "
+                f"({self.delivery_retention_days} > {self.event_retention_days})"
+            )
+        if self.dispatch_lease_s <= self.shipengine_timeout_s:
+            # A claim must outlive its call, or a second dispatcher could call while the first
+            # is still waiting for ShipEngine's answer.
+            raise SettingsError(
+                f"DISPATCH_LEASE_S: must be longer than SHIPENGINE_TIMEOUT_S "
+                f"({self.dispatch_lease_s} <= {self.shipengine_timeout_s})"
+            )
+        return self
+
+    def __repr__(self) -> str:
+        """Every field, secrets as `***` (passwords inside URLs too): a settings object in a
+        traceback or a debugger's output shows no secret."""
+        shown = (
+            f"{field.name}={_masked(getattr(self, field.name))!r}"
+            for field in dataclasses.fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
+    def secret_values(self) -> list[str]:
+        """The values that no log line may show, as they are written and as they are read."""
+        values: list[str] = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, SecretStr):
+                values.append(value.get_secret_value())
+            elif password := _url_password(value):
+                values += [password, unquote(password)]
+        return [value for value in values if value]
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(
+            rate_per_minute=self.shipengine_rate_limit_per_minute,
+            account_probe_s=self.dispatch_account_probe_s,
+        )
+
+    @property
+    def rearm_policy(self) -> RearmPolicy:
+        return RearmPolicy(
+            max_rearms=self.tracking_ex_rearm_max, delay_s=self.tracking_ex_rearm_delay_s
+        )
+
+    def require_api_key(self) -> str:
+        if not self.shipengine_api_key:
+            raise SettingsError("SHIPENGINE_API_KEY: required to call ShipEngine, but not set")
+        return self.shipengine_api_key.get_secret_value()
+
+
+def _masked(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return "***" if value.get_secret_value() else ""
+    return mask_url(value) if isinstance(value, str) else value
+
+
+def _url_password(value: object) -> str | None:
+    """The password of a setting that is a URL with one (a database's)."""
+    return urlsplit(value).password if isinstance(value, str) else None
 
 
 def mask_url(url: str) -> str:

@@ -103,7 +103,7 @@ async def _render_errors(request: web.Request, handler: Handler) -> web.StreamRe
 @web.middleware
 async def _check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     if _is_api(request):
-        expected = request.app[SIMULATOR].config.api_key.encode()
+        expected = request.app[SIMULATOR].config.api_key.get_secret_value().encode()
         given = request.headers.get("API-Key", "").encode()
         if not hmac.compare_digest(given, expected):
             raise errors.unauthorized()

@@ -1,56 +1,109 @@
-"""The simulator's settings: defaults suit tests; `from_env` serves local demos."""
+"""The simulator's settings: defaults suit tests; `from_env` (`SIMULATOR_*`) serves demos."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
+
+from pydantic import SecretStr, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from service.settings import (
-    EnvReader,
+    FromEnvironment,
+    HttpURL,
+    Port,
+    PositiveFloat,
+    PositiveInt,
     SettingsError,
-    http_url,
-    integer,
-    non_negative_float,
-    port_number,
-    positive_float,
-    positive_int,
-    text,
+    ZeroOrMoreFloat,
+    non_negative_int,
+    parsed,
+    setting,
 )
 from service.simulator.ratelimit import calls_per_window
 
-T = TypeVar("T")
+C = TypeVar("C", bound=type[Any])
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SimulatorConfig:
-    api_key: str = "TEST_simulator"
-    """SIMULATOR_API_KEY: the only `API-Key` the /v1 endpoints accept."""
-    pace_s: float = 2.0
-    """SIMULATOR_PACE_S: seconds between two steps of a package's life (0: as fast as possible)."""
-    latency_s: float = 0.0
-    """SIMULATOR_LATENCY_S: added before every /v1 answer."""
-    delivery_retry_s: float = 1.0
-    """SIMULATOR_DELIVERY_RETRY_S: seconds between two attempts of one webhook delivery."""
-    delivery_attempts: int = 3
-    """SIMULATOR_DELIVERY_ATTEMPTS: attempts per webhook delivery, the first included."""
-    delivery_timeout_s: float = 10.0
-    """SIMULATOR_DELIVERY_TIMEOUT_S: time allowed for one delivery attempt."""
-    public_url: str = "http://127.0.0.1:8090"
-    """SIMULATOR_PUBLIC_URL: base of `resource_url` in deliveries; `http://{host}:{port}`."""
-    host: str = "127.0.0.1"
-    """SIMULATOR_HOST: address the simulator listens on."""
-    port: int = 8090
-    """SIMULATOR_PORT: port the simulator listens on."""
-    rate_limit_per_minute: int | None = None
-    """SIMULATOR_RATE_LIMIT_PER_MINUTE: authenticated /v1 calls allowed per minute, all endpoints
-    together (ShipEngine: 200, sandbox 20); None (env: 0 or unset) for no limit."""
-    rate_limit_window_s: float = 60.0
-    """SIMULATOR_RATE_LIMIT_WINDOW_S: the sliding window; shorter windows scale the limit down,
-    to at most `rate_limit_per_minute * rate_limit_window_s / 60` calls in any window."""
+def _rules_raise_their_value_error(cls: C) -> C:
+    """A rule between fields raises its own ValueError, not pydantic's ValidationError around
+    it: `Simulator.configure` builds configs with `dataclasses.replace` and reports its words."""
+    validate = cls.__init__
 
-    def __post_init__(self) -> None:
+    @functools.wraps(validate)
+    def __init__(self: Any, **values: Any) -> None:
+        try:
+            validate(self, **values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            if first["loc"] or first["type"] != "value_error":
+                raise
+            raise first.get("ctx", {})["error"] from None
+
+    setattr(cls, "__init__", __init__)  # noqa: B010 - mypy refuses to assign a method
+    return cls
+
+
+def no_limit_at_zero(raw: str) -> int | None:
+    """`0`, like unset, is no limit."""
+    return non_negative_int(raw) or None
+
+
+@_rules_raise_their_value_error
+@dataclass(frozen=True, kw_only=True)
+class SimulatorConfig(FromEnvironment):
+    """The ShipEngine simulator's settings; `Simulator.configure` changes some at runtime."""
+
+    ENV_PREFIX: ClassVar[str] = "SIMULATOR_"
+
+    host: str = setting("127.0.0.1", "address the simulator listens on")
+    port: Port = setting(8090, "port the simulator listens on")
+    api_key: SecretStr = setting(
+        SecretStr("TEST_simulator"), "the only `API-Key` the simulator's /v1 endpoints accept"
+    )
+    pace_s: ZeroOrMoreFloat = setting(
+        2.0, "seconds between two steps of a simulated package's life (`0`: as fast as possible)"
+    )
+    latency_s: ZeroOrMoreFloat = setting(0.0, "added to every simulated API answer")
+    public_url: HttpURL = setting(
+        "", "base of `resource_url` in simulated webhooks", shown="`http://<host>:<port>`"
+    )
+    delivery_retry_s: ZeroOrMoreFloat = setting(
+        1.0, "seconds between two attempts of one simulated webhook delivery"
+    )
+    delivery_attempts: PositiveInt = setting(
+        3, "attempts per simulated webhook delivery, the first included"
+    )
+    delivery_timeout_s: PositiveFloat = setting(
+        10.0, "time allowed for one simulated webhook delivery attempt"
+    )
+    rate_limit_per_minute: Annotated[int | None, parsed(no_limit_at_zero)] = setting(
+        None,
+        "authenticated /v1 calls allowed per minute, all endpoints together (ShipEngine: 200, "
+        "sandbox 20)",
+        shown="unset (no limit, as `0`)",
+    )
+    rate_limit_window_s: PositiveFloat = setting(
+        60.0,
+        "the sliding window of the rate limit; a shorter one scales the limit down, to at most "
+        "`SIMULATOR_RATE_LIMIT_PER_MINUTE * window / 60` calls in any window",
+    )
+
+    @model_validator(mode="after")
+    def _rules_between_settings(self) -> Self:
+        """The public URL follows host and port unless set; a rate limit lets calls through."""
+        if not self.public_url:
+            object.__setattr__(self, "public_url", f"http://{self.host}:{self.port}")
         check_rate_limit(self.rate_limit_per_minute, self.rate_limit_window_s)
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Self:
+        try:
+            return super().from_env(env)
+        except ValueError as error:  # the rate limit's rule, which names no variable
+            raise SettingsError(f"SIMULATOR_RATE_LIMIT_PER_MINUTE: {error}") from None
 
     @property
     def calls_per_rate_window(self) -> int | None:
@@ -58,37 +111,6 @@ class SimulatorConfig:
         if self.rate_limit_per_minute is None:
             return None
         return calls_per_window(self.rate_limit_per_minute, self.rate_limit_window_s)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SimulatorConfig:
-        read = EnvReader(env).optional
-        host = read("SIMULATOR_HOST", text, cls.host)
-        port = read("SIMULATOR_PORT", port_number, cls.port)
-        per_minute = read("SIMULATOR_RATE_LIMIT_PER_MINUTE", non_negative_int, 0) or None
-        window_s = read("SIMULATOR_RATE_LIMIT_WINDOW_S", positive_float, cls.rate_limit_window_s)
-        try:
-            check_rate_limit(per_minute, window_s)
-        except ValueError as error:
-            raise SettingsError(f"SIMULATOR_RATE_LIMIT_PER_MINUTE: {error}") from None
-        return cls(
-            api_key=read("SIMULATOR_API_KEY", text, cls.api_key),
-            pace_s=read("SIMULATOR_PACE_S", non_negative_float, cls.pace_s),
-            latency_s=read("SIMULATOR_LATENCY_S", non_negative_float, cls.latency_s),
-            delivery_retry_s=read(
-                "SIMULATOR_DELIVERY_RETRY_S", non_negative_float, cls.delivery_retry_s
-            ),
-            delivery_attempts=read(
-                "SIMULATOR_DELIVERY_ATTEMPTS", positive_int, cls.delivery_attempts
-            ),
-            delivery_timeout_s=read(
-                "SIMULATOR_DELIVERY_TIMEOUT_S", positive_float, cls.delivery_timeout_s
-            ),
-            public_url=read("SIMULATOR_PUBLIC_URL", http_url, f"http://{host}:{port}"),
-            host=host,
-            port=port,
-            rate_limit_per_minute=per_minute,
-            rate_limit_window_s=window_s,
-        )
 
 
 def check_rate_limit(per_minute: int | None, window_s: float) -> None:
@@ -105,10 +127,3 @@ def check_rate_limit(per_minute: int | None, window_s: float) -> None:
             f"{per_minute} calls per minute allow no call in a {window_s} s window; "
             "raise the limit or lengthen the window"
         )
-
-
-def non_negative_int(raw: str) -> int:
-    value = integer(raw)
-    if value < 0:
-        raise ValueError(f"must be zero or more, got {raw!r}")
-    return value

@@ -119,7 +119,9 @@ def _check_headers(request: web.Request) -> None:
     if settings.webhook_secret_header and settings.webhook_secret:
         # Sent twice, it is not the one header we registered.
         presented = request.headers.getall(settings.webhook_secret_header, [])
-        if len(presented) != 1 or not secret_matches(presented[0], settings.webhook_secret):
+        if len(presented) != 1 or not secret_matches(
+            presented[0], settings.webhook_secret.get_secret_value()
+        ):
             raise Refused(401, "bad_secret", "the shared secret header is wrong", "security")
 
 
