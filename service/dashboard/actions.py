@@ -12,9 +12,9 @@ from service.dashboard.access import Viewer
 from service.dashboard.forms import read_form
 from service.dashboard.keys import VIEWER
 from service.dashboard.pages import NO_ERROR_CODE, subscription_id_of
-from service.dashboard.queries import BIGINT_MAX
 from service.dashboard.render import Refused, local_target, redirect
 from service.db import deliveries, ops
+from service.db.dashboard import BIGINT_MAX
 from service.db.dashboard_sessions import set_flash
 from service.db.subscriptions import retry_failed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -17,15 +17,16 @@ from service.api.ops import SUMMARY_TTL_S, StuckQuery
 from service.api.schemas import ListQuery, decode_cursor, encode_cursor, parse_query
 from service.dashboard.charts import STATE_COLORS, BarChart, bar_chart
 from service.dashboard.keys import SUMMARY
-from service.dashboard.queries import BIGINT_MAX, DeliveryFilter, recent_deliveries
 from service.dashboard.render import HOME, Refused, page, redirect
 from service.db import dispatch, ops
+from service.db.dashboard import BIGINT_MAX, DeliveryFilter, recent_deliveries
 from service.db.subscriptions import (
     SubscriptionFilter,
     get_subscription,
     list_events,
     list_subscriptions,
 )
+from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 
 routes = web.RouteTableDef()
@@ -39,7 +40,7 @@ SUBSCRIPTIONS = "/dashboard/subscriptions"
 class DeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    outcome: Literal["filed", "orphan", "duplicate", "refused"] | None = None
+    outcome: DeliveryOutcome | None = None
     tracking_number: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     limit: int = Field(default=50, ge=1, le=500)
     before: int | None = Field(default=None, ge=1, le=BIGINT_MAX)
@@ -120,7 +121,11 @@ async def stuck(request: web.Request) -> web.Response:
 @routes.get("/deliveries")
 async def deliveries(request: web.Request) -> web.Response:
     filters = _filled(request)
-    context: dict[str, Any] = {"filters": filters, "section": "deliveries"}
+    context: dict[str, Any] = {
+        "filters": filters,
+        "section": "deliveries",
+        "Outcome": DeliveryOutcome,
+    }
     try:
         query: DeliveriesQuery = parse_query(DeliveriesQuery, filters)
     except BadRequest as error:

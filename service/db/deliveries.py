@@ -28,9 +28,9 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
-from service.db.driver import Statement, bytea_text, driver_connection, json_rows
-from service.db.tables import RECEIVED_WEEK, webhook_deliveries, webhook_refusal_counts
-from service.domain.subscriptions import SubscriptionState
+from service.db.driver import bytea_text, driver_connection, json_rows, named_statements
+from service.db.tables import ORIGINAL, webhook_deliveries, webhook_refusal_counts
+from service.domain.deliveries import DeliveryOutcome
 from service.domain.tracking import (
     Filing,
     PackageStatus,
@@ -57,7 +57,7 @@ class Incoming:
 @dataclasses.dataclass(frozen=True)
 class FiledDelivery:
     delivery_id: int
-    outcome: str  # filed, orphan or duplicate
+    outcome: DeliveryOutcome  # filed, orphan or duplicate
     subscription_id: uuid.UUID | None
     new_events: int = 0
     status_changed: bool = False
@@ -73,7 +73,7 @@ class Stored:
 
     delivery_id: int
     update: TrackingUpdate
-    outcome: str | None
+    outcome: DeliveryOutcome | None
     subscription_id: uuid.UUID | None = None
 
 
@@ -147,7 +147,9 @@ _LOCK_PACKAGES = sa.text(f"SELECT count(pg_advisory_xact_lock(k)) FROM ({_PACKAG
 
 
 def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:
-    return Stored(row["delivery_id"], update, row["outcome"], row["subscription_id"])
+    return Stored(
+        row["delivery_id"], update, DeliveryOutcome(row["outcome"]), row["subscription_id"]
+    )
 
 
 async def file_stored(
@@ -216,11 +218,11 @@ async def _file(
         new_events = {row["id"]: row["events"] for row in rows if row["kind"] == "event"}
         # Identities are drawn in the order rows are inserted, which is the order given.
         copied = sorted((r["id"], r["subscription_id"]) for r in rows if r["kind"] == "copy")
-        duplicates = [FiledDelivery(id_, "duplicate", sub) for id_, sub in copied]
+        duplicates = [FiledDelivery(id_, DeliveryOutcome.DUPLICATE, sub) for id_, sub in copied]
     filed = (
         FiledDelivery(
             delivery_id,
-            "filed",
+            DeliveryOutcome.FILED,
             subscription_id,
             new_events=new_events.get(delivery_id, 0),
             status_changed=filing.changed,
@@ -228,7 +230,7 @@ async def _file(
             rearmed=filing.rearmed,
         )
         if subscription_id is not None and filing is not None
-        else FiledDelivery(delivery_id, "orphan", None)
+        else FiledDelivery(delivery_id, DeliveryOutcome.ORPHAN, None)
         for delivery_id, subscription_id, filing in folded
     )
     return filed, iter(duplicates)
@@ -239,8 +241,8 @@ def _fold(
 ) -> tuple[int, uuid.UUID | None, Filing | None]:
     """File one delivery against what its subscription shows after the batch's earlier ones."""
     if subscription is None:
-        if delivery.outcome not in (None, "orphan"):
-            writes.marks.append(_mark(delivery.delivery_id, "orphan", None))
+        if delivery.outcome not in (None, DeliveryOutcome.ORPHAN):
+            writes.marks.append(_mark(delivery.delivery_id, DeliveryOutcome.ORPHAN, None))
         return delivery.delivery_id, None, None
     subscription_id: uuid.UUID = subscription["id"]
     for event in delivery.update.events:
@@ -260,10 +262,10 @@ def _fold(
             )
         )
     if delivery.outcome is not None and (delivery.outcome, delivery.subscription_id) != (
-        "filed",
+        DeliveryOutcome.FILED,
         subscription_id,
     ):
-        writes.marks.append(_mark(delivery.delivery_id, "filed", subscription_id))
+        writes.marks.append(_mark(delivery.delivery_id, DeliveryOutcome.FILED, subscription_id))
     return delivery.delivery_id, subscription_id, filing
 
 
@@ -305,7 +307,8 @@ async def _insert_originals_and_lock(
 
 
 def _delivery_parameters(incoming: Sequence[Incoming]) -> dict[str, Any]:
-    """`_DELIVERY_ROWS`' parameters: the bodies, which can be large, stay bytes."""
+    """`delivery_rows`' parameters (`sql/deliveries.sql`): the bodies, which can be large,
+    stay bytes."""
     rows = [
         {
             "headers": item.headers,
@@ -322,7 +325,7 @@ def _delivery_parameters(incoming: Sequence[Incoming]) -> dict[str, Any]:
 
 
 async def _lock_live(db: asyncpg.Connection, tracking_numbers: Iterable[str | None]) -> _Live:
-    """The live subscriptions of these tracking numbers, locked (`_LIVE`)."""
+    """The live subscriptions of these tracking numbers, locked (`lock_live`)."""
     numbers = sorted(number for number in tracking_numbers if number is not None)
     return _by_package(await _LOCK_LIVE.fetch(db, numbers=numbers) if numbers else ())
 
@@ -371,7 +374,9 @@ def _status_rows(shown: dict[uuid.UUID, PackageStatus]) -> str:
     )
 
 
-def _mark(delivery_id: int, outcome: str, subscription_id: uuid.UUID | None) -> dict[str, Any]:
+def _mark(
+    delivery_id: int, outcome: DeliveryOutcome, subscription_id: uuid.UUID | None
+) -> dict[str, Any]:
     return {"id": delivery_id, "outcome": outcome, "subscription_id": subscription_id}
 
 
@@ -392,7 +397,7 @@ async def record_refusal(
                 headers=headers,
                 body=body,
                 body_sha256=hashlib.sha256(body).digest(),
-                outcome="refused",
+                outcome=DeliveryOutcome.REFUSED.value,
                 refusal=refusal,
                 verification=verification,
             )
@@ -443,7 +448,7 @@ async def adopt_orphans(
             )
             .where(
                 webhook_deliveries.c.tracking_number.in_({number for _, number in wanted}),
-                webhook_deliveries.c.outcome == "orphan",
+                webhook_deliveries.c.outcome == DeliveryOutcome.ORPHAN.value,
             )
             .order_by(webhook_deliveries.c.id)
         )
@@ -457,7 +462,7 @@ async def adopt_orphans(
         if match is None and orphan.carrier_code is None and matches:
             match = matches[0]
         if match is not None:
-            to_file.append(Stored(orphan.id, _reparse(orphan.body), "orphan"))
+            to_file.append(Stored(orphan.id, _reparse(orphan.body), DeliveryOutcome.ORPHAN))
             adopted.add(match)
     await file_stored(conn, to_file, rearm)
     return adopted
@@ -480,7 +485,7 @@ async def deliveries_to_replay(
         .where(
             webhook_deliveries.c.received_at >= received_from,
             webhook_deliveries.c.received_at < received_to,
-            webhook_deliveries.c.outcome.in_(["filed", "orphan"]),
+            ORIGINAL,
         )
         .order_by(webhook_deliveries.c.id)
     )
@@ -502,7 +507,7 @@ async def replay(
             )
             .where(
                 webhook_deliveries.c.id.in_(delivery_ids),
-                webhook_deliveries.c.outcome != "refused",
+                webhook_deliveries.c.outcome != DeliveryOutcome.REFUSED.value,
             )
             .order_by(webhook_deliveries.c.id)
         )
@@ -511,7 +516,7 @@ async def replay(
         Stored(
             row.id,
             _reparse(row.body),
-            None if row.outcome == "duplicate" else row.outcome,
+            None if row.outcome == DeliveryOutcome.DUPLICATE else DeliveryOutcome(row.outcome),
             row.subscription_id,
         )
         for row in rows
@@ -527,174 +532,9 @@ async def replay_one(
     return replayed[0] if replayed else None
 
 
-# The webhook path's statements. Rows come as one JSON parameter, so the text is the same for
-# one row or a thousand: PostgreSQL prepares it once. Sent to asyncpg directly (`db/driver.py`).
-# A delivery's row (`_delivery_parameters`) and its body, side by side, in the order given.
-_DELIVERY_ROWS = """
-    ROWS FROM (
-        json_to_recordset(CAST(:deliveries AS json)) AS (
-            headers jsonb, content_sha256 bytea, resource_type text, carrier_code text,
-            tracking_number text, source text, verification text),
-        unnest(CAST(:bodies AS bytea[]))
-    ) WITH ORDINALITY AS v(headers, content_sha256, resource_type, carrier_code,
-                           tracking_number, source, verification, body, ord)
-"""
-_DELIVERY_COLUMNS = (
-    "headers, body, body_sha256, content_sha256, resource_type, carrier_code, tracking_number, "
-    "source, verification, outcome"
-)
-_DELIVERY_VALUES = (
-    "v.headers, v.body, sha256(v.body), v.content_sha256, v.resource_type, "
-    "v.carrier_code, v.tracking_number, v.source, v.verification"
-)
-
-# One original per content (within the week: the index must hold the partition key): the
-# partial unique index, named by its predicate as ON CONFLICT requires. Each is stored filed
-# against the live subscription its package has now (read, not locked: repeats must not wait
-# on a row lock), or as an orphan; filing corrects the rare row whose subscription changed
-# before it was locked, so the common row is written once and never updated.
-_INSERT_ORIGINALS = f"""
-    INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
-    SELECT {_DELIVERY_VALUES}, CASE WHEN live.id IS NULL THEN 'orphan' ELSE 'filed' END, live.id
-    FROM {_DELIVERY_ROWS}
-    LEFT JOIN LATERAL (
-        SELECT s.id FROM subscriptions AS s
-        WHERE s.tracking_number = v.tracking_number AND s.state <> 'stopped'
-          AND (v.carrier_code IS NULL OR s.carrier_code = v.carrier_code)
-        ORDER BY s.created_at DESC LIMIT 1
-    ) AS live ON true
-    ORDER BY v.ord
-    ON CONFLICT (content_sha256, received_week) WHERE outcome IN ('filed', 'orphan') DO NOTHING
-    RETURNING id, content_sha256, outcome, subscription_id, tracking_number
-"""
-
-# What filing reads of a subscription (`_package_status`), and the lock it takes on it, in id
-# order (so that batches that share subscriptions wait for each other instead of deadlocking).
-# `state <> 'stopped'` is the live-package index's predicate, so the index serves the lookup.
-# NO KEY UPDATE, the lock filing's UPDATE takes anyway: an original inserted by another batch
-# holds its subscription's row in KEY SHARE (the foreign key) until it commits, in the order of
-# its deliveries, and FOR UPDATE would wait on that while holding rows of its own: a deadlock
-# between two API processes given the same deliveries (tests/test_scale_out.py).
-_LIVE = """
-    SELECT id, carrier_code, tracking_number, created_at, status_code, status_description,
-           estimated_delivery_date, actual_delivery_date, last_event_at, rearms,
-           next_attempt_at IS NOT NULL AS rearm_due,
-           state = '{active}' AND done_at IS NULL AS rearmable
-    FROM subscriptions
-    WHERE tracking_number {packages} AND state <> 'stopped'
-    ORDER BY id
-    FOR NO KEY UPDATE
-"""
-_LOCK_LIVE = Statement.of(
-    _LIVE.format(packages="= ANY(CAST(:numbers AS text[]))", active=SubscriptionState.ACTIVE.value)
-)
-
-# The receiver's first statement: its originals, then the subscriptions of their packages
-# locked, in one round trip (copies, which lock nothing, are not among them). The rows of both
-# come back as one result, told apart by `kind`.
-# Rows read from JSON are matched to a table through `= ANY(ARRAY(...))`, here and below: the
-# planner cannot count JSON's rows (it assumes 100), and against a small table it would rather
-# read all of it than probe its index 100 times (a whole scan of 10,000 subscriptions for every
-# batch, seen in the plans); an array of unknown length it assumes short.
-_LIVE_OF_ORIGINALS = _LIVE.format(
-    packages="= ANY(ARRAY(SELECT tracking_number FROM originals))",
-    active=SubscriptionState.ACTIVE.value,
-)
-_INSERT_ORIGINALS_AND_LOCK = Statement.of(
-    f"""
-    WITH originals AS ({_INSERT_ORIGINALS}),
-    live AS MATERIALIZED ({_LIVE_OF_ORIGINALS})
-    SELECT 'original' AS kind, id AS delivery_id, content_sha256, outcome, subscription_id,
-           CAST(NULL AS uuid) AS id, tracking_number, CAST(NULL AS text) AS carrier_code,
-           CAST(NULL AS timestamptz) AS created_at, CAST(NULL AS text) AS status_code,
-           CAST(NULL AS text) AS status_description,
-           CAST(NULL AS timestamptz) AS estimated_delivery_date,
-           CAST(NULL AS timestamptz) AS actual_delivery_date,
-           CAST(NULL AS timestamptz) AS last_event_at, CAST(NULL AS integer) AS rearms,
-           CAST(NULL AS boolean) AS rearm_due, CAST(NULL AS boolean) AS rearmable
-    FROM originals
-    UNION ALL
-    SELECT 'live', NULL, NULL, NULL, NULL, id, tracking_number, carrier_code, created_at,
-           status_code, status_description, estimated_delivery_date, actual_delivery_date,
-           last_event_at, rearms, rearm_due, rearmable
-    FROM live
-    """
-)
-
-_MARK = Statement.of(
-    """
-    WITH marks AS (
-        SELECT * FROM json_to_recordset(CAST(:marks AS json))
-            AS v(id bigint, outcome text, subscription_id uuid)
-    )
-    UPDATE webhook_deliveries AS d SET outcome = v.outcome, subscription_id = v.subscription_id
-    FROM marks AS v
-    WHERE d.id = ANY(ARRAY(SELECT id FROM marks)) AND d.id = v.id
-    """
-)
-
-_EVENT_FIELDS = TrackEvent._fields
-_EVENT_TYPES = {"occurred_at": "timestamptz", "latitude": "float8", "longitude": "float8"}
-_EVENT_COLUMNS = ", ".join(f"{field} {_EVENT_TYPES.get(field, 'text')}" for field in _EVENT_FIELDS)
-
-# Everything a batch writes once its subscriptions are locked, in one statement (each round
-# trip cost the receiver more CPU than its rows did): the events the subscriptions lack, what
-# each shows now, its status changes, and the copies, kept as duplicates of what their
-# originals were filed against: this week's original, the one their insert ran into (an
-# earlier week may hold another). The sub-statements touch different rows, so seeing the
-# same snapshot changes nothing; the copies' originals were inserted by an earlier statement.
-_WRITE_FILINGS = Statement.of(
-    f"""
-    WITH shown AS (
-        SELECT * FROM json_to_recordset(CAST(:statuses AS json)) AS v(
-            id uuid, status_code text, status_description text,
-            estimated_delivery_date timestamptz, actual_delivery_date timestamptz,
-            last_event_at timestamptz, rearms integer, rearm_due boolean)
-    ), new_events AS (
-        INSERT INTO tracking_events
-            (subscription_id, subscription_created_at, event_key, delivery_id,
-             {", ".join(_EVENT_FIELDS)})
-        SELECT * FROM json_to_recordset(CAST(:events AS json)) AS v(
-            subscription_id uuid, subscription_created_at timestamptz, event_key bytea,
-            delivery_id bigint, {_EVENT_COLUMNS})
-        ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
-        RETURNING delivery_id
-    ), statuses AS (
-        UPDATE subscriptions AS s
-        SET status_code = v.status_code,
-            status_description = v.status_description,
-            estimated_delivery_date = v.estimated_delivery_date,
-            actual_delivery_date = v.actual_delivery_date,
-            last_event_at = v.last_event_at,
-            rearms = v.rearms,
-            -- A restart of tracking after an EX: due after the delay.
-            next_attempt_at = CASE
-                WHEN v.rearm_due AND s.next_attempt_at IS NULL
-                THEN now() + make_interval(secs => CAST(:rearm_delay_s AS float8))
-                ELSE s.next_attempt_at END,
-            last_heard_at = now(),
-            updated_at = now()
-        FROM shown AS v
-        WHERE s.id = ANY(ARRAY(SELECT id FROM shown)) AND s.id = v.id
-    ), changes AS (
-        INSERT INTO status_changes
-            (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
-        SELECT * FROM json_to_recordset(CAST(:changes AS json)) AS v(
-            subscription_id uuid, previous_status_code text, status_code text,
-            occurred_at timestamptz, delivery_id bigint)
-    ), copies AS (
-        INSERT INTO webhook_deliveries ({_DELIVERY_COLUMNS}, subscription_id)
-        SELECT {_DELIVERY_VALUES}, 'duplicate',
-               (SELECT o.subscription_id FROM webhook_deliveries AS o
-                WHERE o.content_sha256 = v.content_sha256 AND o.outcome IN ('filed', 'orphan')
-                  AND o.received_week = {RECEIVED_WEEK})
-        FROM {_DELIVERY_ROWS} ORDER BY v.ord
-        RETURNING id, subscription_id
-    )
-    SELECT 'event' AS kind, delivery_id AS id, CAST(NULL AS uuid) AS subscription_id,
-           count(*) AS events
-    FROM new_events GROUP BY delivery_id
-    UNION ALL
-    SELECT 'copy', id, subscription_id, 0 FROM copies
-    """
-)
+# The webhook path's statements (`sql/deliveries.sql`), sent to asyncpg directly.
+_STATEMENTS = named_statements("deliveries.sql")
+_INSERT_ORIGINALS_AND_LOCK = _STATEMENTS["insert_originals_and_lock"]
+_LOCK_LIVE = _STATEMENTS["lock_live"]
+_MARK = _STATEMENTS["mark"]
+_WRITE_FILINGS = _STATEMENTS["write_filings"]

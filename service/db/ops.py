@@ -14,12 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.db.dispatch import backlog, current_pause
 from service.db.subscriptions import PUBLIC_COLUMNS
 from service.db.tables import (
+    WATCHED,
     dispatch_attempts,
     status_changes,
     subscriptions,
     webhook_deliveries,
     webhook_refusal_counts,
 )
+from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 
 FAILED = subscriptions.c.state == SubscriptionState.FAILED.value
@@ -90,8 +92,8 @@ async def _deliveries_last_hour(conn: AsyncConnection) -> dict[str, int]:
     """By outcome; refusals by reason (`refused:bad_signature`)."""
     label = sa.case(
         (
-            webhook_deliveries.c.outcome == "refused",
-            sa.func.concat("refused:", webhook_deliveries.c.refusal),
+            webhook_deliveries.c.outcome == DeliveryOutcome.REFUSED.value,
+            sa.func.concat(f"{DeliveryOutcome.REFUSED}:", webhook_deliveries.c.refusal),
         ),
         else_=webhook_deliveries.c.outcome,
     )
@@ -182,8 +184,7 @@ async def stuck(conn: AsyncConnection, limits: StuckLimits) -> dict[str, list[Ro
     silent = await conn.execute(
         sa.select(*PUBLIC_COLUMNS)
         .where(
-            subscriptions.c.state == SubscriptionState.ACTIVE.value,
-            subscriptions.c.done_at.is_(None),
+            WATCHED,
             heard < sa.func.now() - limits.silent_for,
         )
         .order_by(heard)

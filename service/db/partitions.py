@@ -15,6 +15,9 @@ and rows past retention are deleted from it.
 `python -m service partitions`. A transaction-level advisory lock lets one process at a time do
 it; DDL waits at most `LOCK_TIMEOUT` for its locks, so maintenance never queues traffic behind
 a long transaction: it fails, and the next round tries again.
+
+DDL takes no bound parameters, so its statements are SQL text that names partitions and writes
+their bounds: the names as `_id` quotes them, the bounds as `Partitioned.bound` writes them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import re
 from datetime import UTC, date, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.compiler import IdentifierPreparer
 
 # Periods created ahead of the current one.
 AHEAD = 2
@@ -63,6 +68,14 @@ class Partitioned:
         if self.key_is_date:
             return f"'{day.isoformat()}'::date"
         return f"'{day.isoformat()} 00:00:00+00'::timestamptz"
+
+    def before(self, day: date) -> str:
+        """As SQL, that a row's key comes before `day`."""
+        return f"{_id(self.key)} < {self.bound(day)}"
+
+    def within(self, start: date) -> str:
+        """As SQL, that a row's key is in the period that begins on `start`."""
+        return f"{_id(self.key)} >= {self.bound(start)} AND {self.before(self.after(start))}"
 
     def start_from_name(self, name: str) -> date | None:
         found = re.fullmatch(rf"{self.table}_(\d{{8}})", name)
@@ -108,10 +121,12 @@ async def maintain(
     """
     now = now or datetime.now(UTC)
     done = Maintenance()
-    if not await conn.scalar(sa.text(f"SELECT pg_try_advisory_xact_lock({ADVISORY_KEY})")):
+    key = sa.literal(ADVISORY_KEY, sa.BigInteger)
+    if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(key))):
         done.skipped = True
         return done
-    await conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    # SET LOCAL lock_timeout, with the value bound.
+    await conn.execute(sa.select(sa.func.set_config("lock_timeout", LOCK_TIMEOUT, True)))
     retention = {DELIVERIES: delivery_retention_days, EVENTS: event_retention_days}
     for table in TABLES:
         existing = await _partitions(conn, table)
@@ -126,7 +141,7 @@ async def maintain(
             if first is not None and table.after(first) <= cutoff:
                 done.dropped.append(name)
                 if not dry_run:
-                    await conn.execute(sa.text(f"DROP TABLE {name}"))
+                    await conn.execute(sa.text(f"DROP TABLE {_id(name)}"))
         await _purge_default(conn, table, cutoff, done, dry_run=dry_run)
     return done
 
@@ -145,26 +160,26 @@ async def _partitions(conn: AsyncConnection, table: Partitioned) -> set[str]:
 async def _create(
     conn: AsyncConnection, table: Partitioned, start: date, done: Maintenance, *, dry_run: bool
 ) -> None:
-    name, low, high = table.name(start), table.bound(start), table.bound(table.after(start))
-    in_range = f"{table.key} >= {low} AND {table.key} < {high}"
-    waiting = await conn.scalar(sa.text(f"SELECT count(*) FROM {table.default} WHERE {in_range}"))
+    name, within, default = table.name(start), table.within(start), _id(table.default)
+    waiting = await conn.scalar(sa.text(f"SELECT count(*) FROM {default} WHERE {within}"))
     done.created.append(name)
     if waiting:
         done.moved[name] = waiting
     if dry_run:
         return
-    create = f"CREATE TABLE {name} PARTITION OF {table.table} FOR VALUES FROM ({low}) TO ({high})"
+    bounds = f"FROM ({table.bound(start)}) TO ({table.bound(table.after(start))})"
+    create = f"CREATE TABLE {_id(name)} PARTITION OF {_id(table.table)} FOR VALUES {bounds}"
     if not waiting:
         await conn.execute(sa.text(create))
         return
     # The DEFAULT partition may not hold rows of a range that has a partition: take it out,
     # create the partition, move the rows through the parent into it, put the default back.
     for statement in (
-        f"ALTER TABLE {table.table} DETACH PARTITION {table.default}",
+        f"ALTER TABLE {_id(table.table)} DETACH PARTITION {default}",
         create,
-        f"INSERT INTO {table.table} SELECT * FROM {table.default} WHERE {in_range}",
-        f"DELETE FROM {table.default} WHERE {in_range}",
-        f"ALTER TABLE {table.table} ATTACH PARTITION {table.default} DEFAULT",
+        f"INSERT INTO {_id(table.table)} SELECT * FROM {default} WHERE {within}",
+        f"DELETE FROM {default} WHERE {within}",
+        f"ALTER TABLE {_id(table.table)} ATTACH PARTITION {default} DEFAULT",
     ):
         await conn.execute(sa.text(statement))
 
@@ -172,10 +187,20 @@ async def _create(
 async def _purge_default(
     conn: AsyncConnection, table: Partitioned, cutoff: date, done: Maintenance, *, dry_run: bool
 ) -> None:
-    past = f"{table.key} < {table.bound(cutoff)}"
+    default, past = _id(table.default), table.before(cutoff)
     if dry_run:
-        count = await conn.scalar(sa.text(f"SELECT count(*) FROM {table.default} WHERE {past}"))
+        count = await conn.scalar(sa.text(f"SELECT count(*) FROM {default} WHERE {past}"))
     else:
-        count = (await conn.execute(sa.text(f"DELETE FROM {table.default} WHERE {past}"))).rowcount
+        count = (await conn.execute(sa.text(f"DELETE FROM {default} WHERE {past}"))).rowcount
     if count:
         done.purged[table.default] = count
+
+
+def _id(name: str) -> str:
+    """A table's or a column's name as an SQL identifier, quoted where it must be (never, as
+    things are: the names are the schema's, and those of partitions that `PARTITION_NAME`
+    matches)."""
+    return _PREPARER.quote(name)
+
+
+_PREPARER: IdentifierPreparer = PGDialect().identifier_preparer  # type: ignore[no-untyped-call]

@@ -11,13 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.dispatch import admit, spend_tokens, work_is_due
-from service.db.tables import subscriptions
-from service.domain.subscriptions import Budget, SubscriptionState
+from service.db.tables import WATCHED, subscriptions
+from service.domain.subscriptions import Budget
 from service.domain.tracking import TERMINAL_STATUSES
-
-WATCHED = sa.and_(
-    subscriptions.c.state == SubscriptionState.ACTIVE.value, subscriptions.c.done_at.is_(None)
-)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,14 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.deliveries import adopt_orphans, lock_packages
 from service.db.driver import json_rows
-from service.db.tables import dispatch_attempts, status_changes, subscriptions, tracking_events
+from service.db.tables import (
+    LIVE,
+    LIVE_SQL,
+    dispatch_attempts,
+    status_changes,
+    subscriptions,
+    tracking_events,
+)
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import RearmPolicy
-
-LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
-# The same predicate as SQL text: ON CONFLICT must name the partial index's predicate with
-# literals, because PostgreSQL cannot match a bound parameter once the plan is generic.
-LIVE_INDEX_PREDICATE = sa.text("state <> 'stopped'")
 
 # The columns a caller sees; the dispatch bookkeeping stays inside.
 PUBLIC_COLUMNS = tuple(
@@ -150,7 +152,7 @@ _INSERT_NEW = sa.text(
     ) WITH ORDINALITY AS v(carrier_code, tracking_number, carrier_id, reference, metadata,
                            created_by, ord)
     ORDER BY v.ord
-    ON CONFLICT (tracking_number, carrier_code) WHERE {LIVE_INDEX_PREDICATE.text} DO NOTHING
+    ON CONFLICT (tracking_number, carrier_code) WHERE {LIVE_SQL} DO NOTHING
     RETURNING {", ".join(column.name for column in PUBLIC_COLUMNS)}
     """
 ).columns(*PUBLIC_COLUMNS)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterable
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from service.domain.deliveries import ORIGINAL_OUTCOMES, DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 
 metadata = sa.MetaData(
@@ -17,7 +21,13 @@ metadata = sa.MetaData(
     }
 )
 
-_STATES = ", ".join(f"'{state.value}'" for state in SubscriptionState)
+
+def _quoted(values: Iterable[enum.StrEnum]) -> str:
+    """Values as a list of SQL literals, for an IN (...) of a constraint or a predicate."""
+    return ", ".join(f"'{value.value}'" for value in values)
+
+
+_STATES = _quoted(SubscriptionState)
 
 
 def _timestamp(name: str, *, nullable: bool = True) -> sa.Column[object]:
@@ -79,6 +89,20 @@ subscriptions = sa.Table(
     sa.CheckConstraint(DUE_WORK, name="due_work"),
 )
 
+# The predicates that queries share with the partial indexes below, each as a Core expression
+# and as SQL text: ON CONFLICT names a partial index by its predicate, with literals (PostgreSQL
+# cannot match a bound parameter once the plan is generic), and the fixed statements of
+# `sql/*.sql` spell them out (`tests/test_named_sql.py` holds them to these).
+# A live subscription: any but a stopped one.
+LIVE = subscriptions.c.state != SubscriptionState.STOPPED.value
+LIVE_SQL = f"state <> '{SubscriptionState.STOPPED.value}'"
+# An active subscription not yet done: its package may still change. The reconciler watches
+# it; filing may restart its tracking after an EX.
+WATCHED = sa.and_(
+    subscriptions.c.state == SubscriptionState.ACTIVE.value, subscriptions.c.done_at.is_(None)
+)
+WATCHED_SQL = f"state = '{SubscriptionState.ACTIVE.value}' AND done_at IS NULL"
+
 # One live subscription per package; stopped ones may repeat. Leading with the tracking
 # number also serves webhook matching, where the carrier code can be missing.
 sa.Index(
@@ -86,7 +110,7 @@ sa.Index(
     subscriptions.c.tracking_number,
     subscriptions.c.carrier_code,
     unique=True,
-    postgresql_where=subscriptions.c.state != "stopped",
+    postgresql_where=LIVE,
 )
 sa.Index("ix_subscriptions_newest", subscriptions.c.created_at.desc(), subscriptions.c.id.desc())
 # The dispatch queue: only rows with work are in it, so claims stay fast at any table size.
@@ -99,11 +123,7 @@ sa.Index(
 # Ops views by state: stuck pending ones, failed ones.
 sa.Index("ix_subscriptions_state_created", subscriptions.c.state, subscriptions.c.created_at)
 # What the reconciler watches: active subscriptions that may still change.
-sa.Index(
-    "ix_subscriptions_watched",
-    subscriptions.c.last_heard_at,
-    postgresql_where=sa.and_(subscriptions.c.state == "active", subscriptions.c.done_at.is_(None)),
-)
+sa.Index("ix_subscriptions_watched", subscriptions.c.last_heard_at, postgresql_where=WATCHED)
 
 # Partitioned by week received (`service/db/partitions.py` creates them ahead and drops them
 # past DELIVERY_RETENTION_DAYS). The week is a column of its own because a unique index of a
@@ -140,13 +160,18 @@ webhook_deliveries = sa.Table(
     sa.Column("verification", sa.Text, nullable=False, server_default="skipped"),
     sa.Column("refusal", sa.Text),
     sa.PrimaryKeyConstraint("id", "received_week"),
-    sa.CheckConstraint("outcome IN ('filed', 'orphan', 'duplicate', 'refused')", name="outcome"),
+    sa.CheckConstraint(f"outcome IN ({_quoted(DeliveryOutcome)})", name="outcome"),
     sa.CheckConstraint("source IN ('webhook', 'poll')", name="source"),
     postgresql_partition_by="RANGE (received_week)",
 )
 sa.Index("ix_webhook_deliveries_tracking_number", webhook_deliveries.c.tracking_number)
 sa.Index("ix_webhook_deliveries_subscription_id", webhook_deliveries.c.subscription_id)
 sa.Index("ix_webhook_deliveries_received_at", webhook_deliveries.c.received_at)
+# An original delivery, the first of its content in its week (`ORIGINAL_OUTCOMES`); as SQL
+# text, as `LIVE_SQL` is.
+ORIGINAL = webhook_deliveries.c.outcome.in_([outcome.value for outcome in ORIGINAL_OUTCOMES])
+ORIGINAL_SQL = f"outcome IN ({_quoted(ORIGINAL_OUTCOMES)})"
+
 # One original per content (and week); later copies are inserted as duplicates, recognised by
 # this index before any subscription row is locked.
 sa.Index(
@@ -154,7 +179,7 @@ sa.Index(
     webhook_deliveries.c.content_sha256,
     webhook_deliveries.c.received_week,
     unique=True,
-    postgresql_where=webhook_deliveries.c.outcome.in_(["filed", "orphan"]),
+    postgresql_where=ORIGINAL,
 )
 
 # Refused requests counted but not stored (no signature headers, or past the sample of

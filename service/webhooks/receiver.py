@@ -28,6 +28,7 @@ from service import json_exact
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import DELIVERY_COMMITS, ENGINE, METRICS, SETTINGS, VERIFIER
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
+from service.domain.deliveries import DeliveryOutcome
 from service.domain.tracking import content_digest, json_depth_exceeds, parse_track_payload
 from service.webhooks.refusals import REFUSALS, sample, stored_headers
 from service.webhooks.signatures import SIGNATURE_HEADERS, Refusal, secret_matches
@@ -86,7 +87,7 @@ async def receive_track(request: web.Request) -> web.Response:
     _observe(request, filed, update.status_code)
     # Routine filings are counted, not logged (at INFO a line each was a tenth of the
     # receiver's CPU); a package we do not know and a refused regression are worth a line.
-    notable = filed.outcome == "orphan" or filed.regression
+    notable = filed.outcome == DeliveryOutcome.ORPHAN or filed.regression
     (log.info if notable else log.debug)(
         "webhook.delivery",
         delivery_id=filed.delivery_id,

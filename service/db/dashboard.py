@@ -9,6 +9,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.tables import webhook_deliveries
+from service.domain.deliveries import DeliveryOutcome
 
 # Delivery ids are PostgreSQL bigints: a larger number names no delivery (and no query takes it).
 BIGINT_MAX = 2**63 - 1
@@ -27,7 +28,7 @@ DELIVERY_COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class DeliveryFilter:
-    outcome: str | None = None
+    outcome: DeliveryOutcome | None = None
     tracking_number: str | None = None
 
 
@@ -37,7 +38,7 @@ async def recent_deliveries(
     """Newest first by id (ids grow with arrival), keyset-paged by `before_id`."""
     query = sa.select(*DELIVERY_COLUMNS)
     if where.outcome is not None:
-        query = query.where(webhook_deliveries.c.outcome == where.outcome)
+        query = query.where(webhook_deliveries.c.outcome == where.outcome.value)
     if where.tracking_number is not None:
         query = query.where(webhook_deliveries.c.tracking_number == where.tracking_number)
     if before_id is not None:

@@ -1,0 +1,146 @@
+"""Named SQL (`service/db/sql/*.sql`): how a file is read, and that the literals its statements
+spell agree with the Python constants they stand for. No database needed."""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from service.db import deliveries
+from service.db.driver import named_sql, named_statements
+from service.db.tables import (
+    LIVE,
+    LIVE_SQL,
+    ORIGINAL,
+    ORIGINAL_SQL,
+    RECEIVED_WEEK,
+    WATCHED,
+    WATCHED_SQL,
+    tracking_events,
+)
+from service.domain.deliveries import DeliveryOutcome
+from service.domain.subscriptions import SubscriptionState
+from service.domain.tracking import TrackEvent
+
+
+def _file(name: str) -> str:
+    return importlib.resources.files("service.db").joinpath("sql", name).read_text("utf-8")
+
+
+def _one_line(sql: str) -> str:
+    return re.sub(r"\s+", " ", sql)
+
+
+# The file's SQL, its comments left out.
+DELIVERIES = _one_line(re.sub(r"--[^\n]*", "", _file("deliveries.sql")))
+
+
+def test_statements_are_named_and_parts_included_at_their_indentation() -> None:
+    text = """-- What the file is.
+
+-- name: both
+-- Its documentation, left out.
+SELECT x FROM (
+    {inner}
+) AS t WHERE y = :y
+
+-- part: inner
+-- A part.
+SELECT 1 AS x,
+       :y AS y  -- a comment of the text stays
+-- name: other
+SELECT :a, :b, :a, '{a,b}'::text[], x::int
+"""
+    assert named_sql(text) == {
+        "both": "SELECT x FROM (\n    SELECT 1 AS x,\n           :y AS y  -- a comment of the text"
+        " stays\n) AS t WHERE y = :y",
+        "other": "SELECT :a, :b, :a, '{a,b}'::text[], x::int",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("SELECT 1\n-- name: a\nSELECT 2\n", "before the first"),
+        ("-- name: a\nSELECT 1\n-- part: a\nSELECT 2\n", "a twice"),
+        ("-- name: a\nSELECT {b}\n", "no part b for a"),
+        ("-- name: a\nSELECT {b}\n-- part: b\n({b})\n", "part b includes itself"),
+        ("-- name: a\nSELECT 1\n-- part: b\nSELECT 2\n", "parts ['b'] are not used"),
+    ],
+)
+def test_a_file_that_says_something_else_is_refused(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        named_sql(text)
+
+
+def test_the_statements_of_deliveries_are_those_it_runs() -> None:
+    statements = named_statements("deliveries.sql")
+    assert statements == {
+        "insert_originals_and_lock": deliveries._INSERT_ORIGINALS_AND_LOCK,
+        "lock_live": deliveries._LOCK_LIVE,
+        "mark": deliveries._MARK,
+        "write_filings": deliveries._WRITE_FILINGS,
+    }
+    assert statements["write_filings"].names == (
+        "statuses",
+        "events",
+        "rearm_delay_s",
+        "changes",
+        "deliveries",
+        "bodies",
+    )
+    assert all(":" not in re.sub(r"::|--.*", "", s.sql) for s in statements.values())
+
+
+def _literal(predicate: sa.ColumnElement[bool]) -> str:
+    compiled = predicate.compile(
+        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+    )
+    return re.sub(r"\bsubscriptions\.|\bwebhook_deliveries\.", "", str(compiled))
+
+
+def test_each_shared_predicate_says_as_text_what_it_says_in_core() -> None:
+    assert _literal(LIVE) == LIVE_SQL.replace("<>", "!=")
+    assert _literal(WATCHED) == WATCHED_SQL
+    assert _literal(ORIGINAL) == ORIGINAL_SQL
+
+
+def test_the_shared_predicates_are_spelled_as_defined() -> None:
+    # Every mention, with or without a table alias, is the predicate whole.
+    lives = re.findall(r"\b(?:\w+\.)?state <> '\w+'", DELIVERIES)
+    assert len(lives) == 3
+    assert {re.sub(r"^\w+\.", "", found) for found in lives} == {LIVE_SQL}
+    originals = re.findall(r"\b(?:\w+\.)?outcome IN \([^)]*\)", DELIVERIES)
+    assert len(originals) == 2
+    assert {re.sub(r"^\w+\.", "", found) for found in originals} == {ORIGINAL_SQL}
+    assert re.findall(r"state = '\w+' AND done_at IS NULL", DELIVERIES) == [WATCHED_SQL]
+    assert f"received_week = {RECEIVED_WEEK}" in DELIVERIES
+
+
+def test_every_literal_is_an_outcome_a_state_or_a_kind_of_row() -> None:
+    kinds = {"original", "live", "event", "copy"}  # `kind`, as deliveries.py reads it
+    received_week = set(re.findall(r"'(\w+)'", RECEIVED_WEEK))
+    allowed = {*DeliveryOutcome, *SubscriptionState, *kinds, *received_week}
+    assert set(re.findall(r"'(\w+)'", DELIVERIES)) <= allowed
+    orphan, filed = DeliveryOutcome.ORPHAN, DeliveryOutcome.FILED
+    assert f"CASE WHEN live.id IS NULL THEN '{orphan}' ELSE '{filed}' END" in DELIVERIES
+    assert f"'{DeliveryOutcome.DUPLICATE}', (SELECT o.subscription_id" in DELIVERIES
+
+
+def test_events_are_written_with_every_field_of_an_event_as_its_column_type() -> None:
+    def pg_type(column: sa.Column[object]) -> str:
+        if isinstance(column.type, sa.DateTime):
+            return "timestamptz"
+        if isinstance(column.type, sa.Float):
+            return "float8"
+        assert isinstance(column.type, sa.Text)
+        return "text"
+
+    fields = TrackEvent._fields
+    columns = ", ".join(f"{field} {pg_type(tracking_events.c[field])}" for field in fields)
+    assert f"event_key, delivery_id, {', '.join(fields)})" in DELIVERIES
+    assert f"delivery_id bigint, {columns})" in DELIVERIES
