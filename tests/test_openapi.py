@@ -37,8 +37,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.api.app import create_app
-from service.api.openapi import OPERATIONS, SECURITY_SCHEME, document
+from service.api.app import OPERATIONS, create_app, document
+from service.api.openapi import SECURITY_SCHEME
 from service.dispatcher.worker import Dispatcher
 from service.settings import Settings
 from service.simulator import SigningKeys

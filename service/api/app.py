@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import aiohttp
 import structlog
@@ -44,6 +45,17 @@ log = structlog.get_logger(__name__)
 PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 PARTITION_MAINTENANCE_START_S = 10.0
 
+# The API. Each handler declares its operation (`@operation`, service/api/operations.py), and
+# GET /v1/openapi.json documents every one the app serves.
+API_ROUTES = (
+    subscriptions.routes,
+    ops.routes,
+    receiver.routes,
+    replay.routes,
+    openapi.routes,
+    health.routes,
+)
+
 
 def create_app(settings: Settings) -> web.Application:
     """The API app; reads no environment and holds nothing at module level."""
@@ -62,14 +74,27 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(refusal_ledger)
     app.cleanup_ctx.append(_group_commits)
     app.cleanup_ctx.append(_partition_maintenance)
-    app.add_routes(health.routes)
-    app.add_routes(subscriptions.routes)
-    app.add_routes(ops.routes)
-    app.add_routes(receiver.routes)
-    app.add_routes(replay.routes)
-    app.add_routes(openapi.routes)
+    for routes in API_ROUTES:
+        app.add_routes(routes)
     app.add_subapp("/dashboard", create_dashboard(_dashboard_options(settings)))
     return app
+
+
+def api_router() -> web.UrlDispatcher:
+    """The API's routes, without an app around them."""
+    router = web.UrlDispatcher()
+    for routes in API_ROUTES:
+        router.add_routes(routes)
+    return router
+
+
+def document() -> dict[str, Any]:
+    """The document GET /v1/openapi.json serves, without an app (for tests and tools)."""
+    return openapi.document_of(api_router())
+
+
+# What that document is made of: each route with what its handler declares.
+OPERATIONS = openapi.operations_of(openapi.routes_of(api_router()))
 
 
 def _dashboard_options(settings: Settings) -> DashboardOptions:

@@ -1,22 +1,22 @@
 """Bearer tokens and scopes for /v1: who is calling, and may they do this?
 
 Every /v1 endpoint but ShipEngine's webhook needs `Authorization: Bearer <token>`; a handler
-names the scope it needs with `@requires(...)`. Missing or unknown token: 401; a token without
-the scope: 403. Verified tokens are cached for TOKEN_CACHE_S, so a revocation takes effect
-within that time and a busy API does not look up its callers on every request.
+names the scopes it needs in its `@operation(scopes=...)`, any one of which will do. Missing or
+unknown token: 401; a token without the scope: 403. Verified tokens are cached for
+TOKEN_CACHE_S, so a revocation takes effect within that time and a busy API does not look up its
+callers on every request.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import ENGINE
+from service.api.operations import scopes_of
 from service.db.tokens import find_token
 from service.domain.access import Scope, read_token
 
@@ -25,8 +25,6 @@ PUBLIC_PATHS = frozenset({"/v1/webhooks/shipengine"})
 CLIENT = web.RequestKey("client", str)
 TOKENS = web.AppKey("token_cache", dict)
 
-H = TypeVar("H", bound=Callable[..., Any])
-
 
 class Unauthorized(ApiError):
     status = 401
@@ -34,16 +32,6 @@ class Unauthorized(ApiError):
 
 class Forbidden(ApiError):
     status = 403
-
-
-def requires(*scopes: Scope) -> Callable[[H], H]:
-    """Mark a handler as needing any one of `scopes`."""
-
-    def mark(handler: H) -> H:
-        handler.__scopes__ = frozenset(scopes)  # type: ignore[attr-defined]
-        return handler
-
-    return mark
 
 
 @web.middleware
@@ -57,7 +45,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if found is None or not presented.matches(found[2]):
         raise _unauthorized("the token is unknown or revoked")
     client, scopes, _ = found
-    needed: frozenset[Scope] = getattr(_route_handler(request), "__scopes__", frozenset())
+    needed = scopes_of(_route_handler(request))
     if needed and not needed & scopes:
         wanted = " or ".join(sorted(scope.value for scope in needed))
         raise Forbidden(ErrorDetail("security", "forbidden", f"this needs the scope {wanted}"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 ERROR_SOURCE = "tracking_service"
 # What a 503 for an unreachable or saturated database asks callers to wait: a failover or a
 # burst is usually over within seconds.
@@ -32,6 +34,29 @@ class ErrorDetail:
         if self.field_name is not None:
             body["field_name"] = self.field_name
         return body
+
+
+def is_none(value: object) -> bool:
+    """For `Field(exclude_if=...)`: a field written only when it is set."""
+    return value is None
+
+
+class ErrorItem(BaseModel):
+    error_source: str = Field(description="`tracking_service` for this service's own errors")
+    error_type: str = Field(description="`validation`, `security`, `business_rules`, `system`")
+    error_code: str = Field(description="e.g. `invalid_field_value`, `not_found`, `forbidden`")
+    message: str
+    # Left out when None, as `ErrorDetail.as_json` leaves it out.
+    field_name: str | None = Field(
+        default=None, description="the field at fault, if one is", exclude_if=is_none
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error, whatever its cause, in ShipEngine's error shape."""
+
+    request_id: str
+    errors: list[ErrorItem] = Field(min_length=1)
 
 
 class ApiError(Exception):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import datetime
+from typing import Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel, Field
 
-from service.api.auth import requires
 from service.api.errors import RETRY_AFTER_S
 from service.api.keys import ENGINE, METRICS
 from service.api.metrics_access import refusal
+from service.api.operations import Answer, json_answer, operation
 from service.db.dispatch import current_pause
 from service.domain.access import Scope
 from service.metrics import CONTENT_TYPE
@@ -18,21 +21,50 @@ from service.metrics import CONTENT_TYPE
 READINESS_TIMEOUT_S = 2.0
 
 routes = web.RouteTableDef()
+TAG = "health"
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class DispatchState(BaseModel):
+    paused: bool
+    kind: str | None = Field(default=None, description="`account`, `rate_limit` or `manual`")
+    until: datetime | None = None
+    reason: dict[str, Any] | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+    dispatch: DispatchState | None = Field(default=None, description="only when ready")
 
 
 @routes.get("/healthz")
+@operation("Liveness: the process serves", tag=TAG, answers={200: Answer(Health, "Serving")})
 async def healthz(_: web.Request) -> web.Response:
     """The process is up and serving; says nothing of its dependencies."""
-    return web.json_response({"status": "ok"})
+    return json_answer(Health(status="ok"))
 
 
 @routes.get("/readyz")
+@operation(
+    "Readiness: PostgreSQL answers; shows a dispatch pause",
+    tag=TAG,
+    answers={
+        200: Answer(Readiness, "Ready"),
+        503: Answer(Readiness, "The database is unreachable"),
+    },
+)
 async def readyz(request: web.Request) -> web.Response:
     """Ready when PostgreSQL answers; 503 otherwise, so traffic goes elsewhere.
 
     A dispatch pause is shown but does not make the API unready: it still takes subscriptions
     and webhooks, which is exactly what must go on while ShipEngine refuses our calls.
     """
+    # Answered as dicts, not as a Readiness: that would write the fields left out here as
+    # null, and `until` with `Z` where these answers always had `+00:00`.
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_S):
             async with request.app[ENGINE].connect() as conn:
@@ -49,7 +81,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
-@requires(Scope.METRICS)  # checked below, not by `authenticate`: a dispatcher serves it too
+@operation(
+    "Prometheus metrics",
+    tag=TAG,
+    # Checked below, not by `authenticate`: a dispatcher serves it too.
+    scopes=(Scope.METRICS,),
+    answers={200: Answer(None, "Prometheus' text format", CONTENT_TYPE.split(";")[0])},
+)
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format, to a token with the `metrics` scope; shared gauges are read
     fresh from the database."""

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import timedelta
-from typing import Annotated, Any
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from service.api.auth import CLIENT, requires
+from service.api.auth import CLIENT
 from service.api.body import read_json
 from service.api.errors import NotFound
 from service.api.keys import ENGINE, READ_ENGINE
-from service.api.schemas import parse_body, parse_query, subscription_json
-from service.api.subscriptions import READERS, subscription_id_of
+from service.api.operations import JSON_BODY_ERRORS, Answer, json_answer, operation
+from service.api.schemas import SubscriptionOut, parse_body, parse_query
+from service.api.subscriptions import READERS, SUBSCRIPTION_ID, subscription_id_of
 from service.db import dispatch, ops
 from service.db.subscriptions import get_subscription
 from service.domain.access import Scope
@@ -28,6 +29,8 @@ routes = web.RouteTableDef()
 # ("as_of" says when it was counted).
 SUMMARY_TTL_S = 5.0
 SUMMARY = web.AppKey("ops_summary", dict)
+
+TAG = "ops"
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -62,8 +65,98 @@ class PauseRequest(BaseModel):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=500)]
 
 
+class DispatchSummary(BaseModel):
+    backlog: int
+    oldest_due_s: float
+    paused: bool
+    pause_kind: str | None
+    pause_reason: dict[str, Any] | None
+
+
+class OpsSummary(BaseModel):
+    by_state: dict[str, int]
+    by_status_code: dict[str, int]
+    by_carrier: dict[str, int]
+    dispatch: DispatchSummary
+    failures_by_error_code: dict[str, int]
+    deliveries_last_hour: dict[str, int] = Field(
+        description="by outcome; refusals as `refused:<reason>`"
+    )
+    as_of: datetime
+
+
+class TimelineEntry(BaseModel):
+    at: datetime
+    kind: Literal["created", "start_attempt", "stop_attempt", "webhook", "poll", "status_change"]
+    detail: dict[str, Any]
+
+
+class Timeline(BaseModel):
+    items: list[TimelineEntry]
+
+
+class Stuck(BaseModel):
+    pending: list[SubscriptionOut]
+    silent: list[SubscriptionOut]
+
+
+class FailureGroup(BaseModel):
+    count: int
+    examples: list[SubscriptionOut]
+
+
+class Failures(BaseModel):
+    by_error_code: dict[str, FailureGroup]
+
+
+class BulkRetryResult(BaseModel):
+    dry_run: bool
+    matched: int
+
+
+class PauseReason(BaseModel):
+    message: str
+    by: str = Field(description="the client whose token paused it")
+
+
+class Paused(BaseModel):
+    paused: Literal[True]
+    kind: Literal["manual"]
+    reason: PauseReason
+
+
+class Resumed(BaseModel):
+    paused: Literal[False]
+
+
+@routes.get("/v1/subscriptions/{id}/timeline")
+@operation(
+    "Everything that happened to it, in order",
+    tag=TAG,
+    scopes=READERS,
+    path_params=SUBSCRIPTION_ID,
+    answers={200: Answer(Timeline, "The timeline")},
+    errors=(404,),
+)
+async def timeline(request: web.Request) -> web.Response:
+    subscription_id = subscription_id_of(request)
+    async with request.app[ENGINE].connect() as conn:
+        if await get_subscription(conn, subscription_id) is None:
+            raise NotFound.resource("subscription")
+        entries = await ops.timeline(conn, subscription_id)
+    # A dict, not a Timeline: `at` as `isoformat` writes it (`+00:00`), where pydantic writes
+    # `Z`; its answers always had the former.
+    items = [{**entry, "at": entry["at"].isoformat()} for entry in entries]
+    return web.json_response({"items": items})
+
+
 @routes.get("/v1/ops/summary")
-@requires(*READERS)
+@operation(
+    "Counts by state, status and carrier; the dispatch backlog and pause",
+    tag=TAG,
+    scopes=READERS,
+    answers={200: Answer(OpsSummary, "The summary, computed at most every 5 s (`as_of`)")},
+)
 async def summary(request: web.Request) -> web.Response:
     """Served from memory: only the first request of a process waits for the counts; later
     ones get the last copy at once while a stale one is recounted in the background."""
@@ -72,6 +165,8 @@ async def summary(request: web.Request) -> web.Response:
         await _recount(request.app)
     elif cached["expires"] < time.monotonic() and not cached.get("recounting"):
         cached["recounting"] = asyncio.create_task(_recount(request.app))
+    # The counts as service/db/ops.py made them, not an OpsSummary: that model would drop
+    # what it does not name (`refusals_unstored_last_hour`) and write `as_of` otherwise.
     return web.json_response(cached["document"])
 
 
@@ -95,20 +190,15 @@ async def _recount(app: web.Application) -> None:
         cached.pop("recounting", None)
 
 
-@routes.get("/v1/subscriptions/{id}/timeline")
-@requires(*READERS)
-async def timeline(request: web.Request) -> web.Response:
-    subscription_id = subscription_id_of(request)
-    async with request.app[ENGINE].connect() as conn:
-        if await get_subscription(conn, subscription_id) is None:
-            raise NotFound.resource("subscription")
-        entries = await ops.timeline(conn, subscription_id)
-    items = [{**entry, "at": entry["at"].isoformat()} for entry in entries]
-    return web.json_response({"items": items})
-
-
 @routes.get("/v1/ops/stuck")
-@requires(*READERS)
+@operation(
+    "Subscriptions pending too long, and active ones silent too long",
+    tag=TAG,
+    scopes=READERS,
+    query=StuckQuery,
+    answers={200: Answer(Stuck, "The stuck subscriptions")},
+    errors=(400,),
+)
 async def stuck(request: web.Request) -> web.Response:
     query: StuckQuery = parse_query(StuckQuery, dict(request.query))
     limits = ops.StuckLimits(
@@ -118,55 +208,71 @@ async def stuck(request: web.Request) -> web.Response:
     )
     async with request.app[READ_ENGINE].connect() as conn:
         found = await ops.stuck(conn, limits)
-    return web.json_response(
-        {name: [subscription_json(row) for row in rows] for name, rows in found.items()}
-    )
+    answer = {name: [dict(row) for row in rows] for name, rows in found.items()}
+    return json_answer(Stuck.model_validate(answer))
 
 
 @routes.get("/v1/ops/failures")
-@requires(*READERS)
+@operation(
+    "Failed subscriptions grouped by error code, with examples",
+    tag=TAG,
+    scopes=READERS,
+    query=FailuresQuery,
+    answers={200: Answer(Failures, "The groups")},
+    errors=(400,),
+)
 async def failures(request: web.Request) -> web.Response:
     query: FailuresQuery = parse_query(FailuresQuery, dict(request.query))
     async with request.app[READ_ENGINE].connect() as conn:
         groups = await ops.failures(conn, query.per_code)
-    return web.json_response(
-        {
-            "by_error_code": {
-                code: {
-                    "count": group["count"],
-                    "examples": [subscription_json(row) for row in group["examples"]],
-                }
-                for code, group in groups.items()
-            }
-        }
-    )
+    by_error_code = {
+        code: {"count": group["count"], "examples": [dict(row) for row in group["examples"]]}
+        for code, group in groups.items()
+    }
+    return json_answer(Failures.model_validate({"by_error_code": by_error_code}))
 
 
 @routes.post("/v1/ops/retry")
-@requires(Scope.OPS)
+@operation(
+    "Retry every failed subscription matching a filter",
+    tag=TAG,
+    scopes=(Scope.OPS,),
+    body=BulkRetry,
+    answers={200: Answer(BulkRetryResult, "How many matched (and were retried unless `dry_run`)")},
+    errors=JSON_BODY_ERRORS,
+)
 async def retry_many(request: web.Request) -> web.Response:
     """Retry every failed subscription matching the filter; `dry_run` only counts them."""
     wanted: BulkRetry = parse_body(BulkRetry, await read_json(request))
     where = ops.FailedFilter(wanted.error_code, wanted.carrier_code, wanted.created_by)
     async with request.app[ENGINE].begin() as conn:
         count = await ops.retry_failed_many(conn, where, wanted.dry_run)
-    return web.json_response({"dry_run": wanted.dry_run, "matched": count})
+    return json_answer(BulkRetryResult(dry_run=wanted.dry_run, matched=count))
 
 
 @routes.post("/v1/ops/dispatch/pause")
-@requires(Scope.OPS)
+@operation(
+    "Pause all dispatching, every instance",
+    tag=TAG,
+    scopes=(Scope.OPS,),
+    body=PauseRequest,
+    answers={200: Answer(Paused, "Paused by hand")},
+    errors=JSON_BODY_ERRORS,
+)
 async def pause(request: web.Request) -> web.Response:
     """Stop all dispatching, every instance, until resumed (subscriptions are still taken)."""
     wanted: PauseRequest = parse_body(PauseRequest, await read_json(request))
-    reason = {"message": wanted.reason, "by": request[CLIENT]}
+    reason = PauseReason(message=wanted.reason, by=request[CLIENT])
     async with request.app[ENGINE].begin() as conn:
-        await dispatch.pause_by_hand(conn, reason)
-    return web.json_response({"paused": True, "kind": "manual", "reason": reason})
+        await dispatch.pause_by_hand(conn, reason.model_dump())
+    return json_answer(Paused(paused=True, kind="manual", reason=reason))
 
 
 @routes.post("/v1/ops/dispatch/resume")
-@requires(Scope.OPS)
+@operation(
+    "Resume dispatching", tag=TAG, scopes=(Scope.OPS,), answers={200: Answer(Resumed, "Resumed")}
+)
 async def resume(request: web.Request) -> web.Response:
     async with request.app[ENGINE].begin() as conn:
         await dispatch.resume(conn)
-    return web.json_response({"paused": False})
+    return json_answer(Resumed(paused=False))

@@ -7,13 +7,21 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.engine import RowMapping
 
-from service.api.errors import ApiError, BadRequest, ErrorDetail, ValidationFailed
+from service.api.errors import (
+    ApiError,
+    BadRequest,
+    ErrorDetail,
+    ErrorItem,
+    ValidationFailed,
+    is_none,
+)
+from service.api.operations import Param
 from service.db.subscriptions import Cursor, NewSubscription
 from service.domain.subscriptions import Operation, OutcomeKind, SubscriptionState
 
@@ -98,6 +106,20 @@ class SubscriptionOut(BaseModel):
     updated_at: datetime
 
 
+class BatchItemResult(BaseModel):
+    index: int
+    status: Literal[200, 202, 422] = Field(description="as the single subscribe answers it")
+    # Each written only when set: an item has its subscription or its errors, never both.
+    subscription: SubscriptionOut | None = Field(
+        default=None, description="when 200 or 202", exclude_if=is_none
+    )
+    errors: list[ErrorItem] | None = Field(default=None, description="when 422", exclude_if=is_none)
+
+
+class BatchResult(BaseModel):
+    results: list[BatchItemResult] = Field(description="one per item, in order")
+
+
 class SubscriptionPage(BaseModel):
     items: list[SubscriptionOut]
     next_cursor: str | None
@@ -169,8 +191,56 @@ class ListQuery(BaseModel):
     cursor: str | None = None
 
 
+# ShipEngine's webhook, and replays of what it delivered: service/webhooks/.
+
+
+class TrackWebhook(BaseModel):
+    """ShipEngine's `track` webhook, read tolerantly: any JSON object is taken and kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resource_url: str | None = None
+    resource_type: str | None = None
+    data: dict[str, Any] | None = None
+
+
+Outcome = Literal["filed", "orphan", "duplicate"]
+
+
+class WebhookReceipt(BaseModel):
+    delivery_id: int
+    outcome: Outcome
+    subscription_id: str | None
+
+
+class ReplayResult(BaseModel):
+    delivery_id: int
+    outcome: Outcome
+    subscription_id: str | None
+    new_events: int
+    status_changed: bool
+
+
+class ReplayRangeResult(BaseModel):
+    dry_run: bool
+    matched: int
+    outcomes: dict[str, int]
+
+
+DELIVERY_ID = {
+    "id": Param(
+        {"type": "integer", "format": "int64", "minimum": 1, "maximum": 2**63 - 1},
+        "the stored delivery's id",
+    ),
+}
+
+
+def subscription_out(row: RowMapping) -> SubscriptionOut:
+    return SubscriptionOut.model_validate(dict(row))
+
+
 def subscription_json(row: RowMapping) -> dict[str, Any]:
-    return SubscriptionOut.model_validate(dict(row)).model_dump(mode="json")
+    return subscription_out(row).model_dump(mode="json")
 
 
 def parse_body(model: type[BaseModel], payload: object) -> Any:

@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Required
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
-from typing_extensions import TypedDict  # pydantic needs it rather than typing's before 3.12
 
-from service.api.auth import CLIENT, requires
+from service.api.auth import CLIENT
 from service.api.body import read_json
 from service.api.errors import ApiError, Conflict, ErrorDetail, NotFound
 from service.api.keys import ENGINE, READ_ENGINE, SETTINGS, SUBSCRIBE_COMMITS
+from service.api.operations import JSON_BODY_ERRORS, Answer, Param, json_answer, operation
 from service.api.schemas import (
     AttemptList,
     BatchIn,
+    BatchResult,
     EventList,
     ListQuery,
     StatusChangeList,
     SubscriptionIn,
     SubscriptionOut,
+    SubscriptionPage,
     decode_cursor,
     encode_cursor,
     parse_body,
     parse_query,
-    subscription_json,
+    subscription_out,
 )
 from service.db import subscriptions as queries
 from service.db.subscriptions import NewSubscription, Subscribed
@@ -38,19 +40,39 @@ routes = web.RouteTableDef()
 
 # Whoever may call the API may read subscriptions.
 READERS = (Scope.READ, Scope.WRITE, Scope.OPS)
+TAG = "subscriptions"
+SUBSCRIPTION_ID = {"id": Param({"type": "string", "format": "uuid"}, "the subscription's id")}
 
 
 @routes.post("/v1/subscriptions")
-@requires(Scope.WRITE)
+@operation(
+    "Subscribe to a package's tracking",
+    tag=TAG,
+    scopes=(Scope.WRITE,),
+    body=SubscriptionIn,
+    answers={
+        202: Answer(SubscriptionOut, "The new subscription, `pending` its start"),
+        200: Answer(SubscriptionOut, "The live subscription of the same package"),
+    },
+    errors=JSON_BODY_ERRORS,
+)
 async def subscribe(request: web.Request) -> web.Response:
     """202 with a new subscription; 200 with the live one when the package is tracked already."""
     new = parse_body(SubscriptionIn, await read_json(request)).to_domain(request[CLIENT])
     row, created = await request.app[SUBSCRIBE_COMMITS].submit(new)
-    return web.json_response(subscription_json(row), status=202 if created else 200)
+    return json_answer(subscription_out(row), status=202 if created else 200)
 
 
 @routes.post("/v1/subscriptions/batch")
-@requires(Scope.WRITE)
+@operation(
+    "Subscribe to many packages at once",
+    tag=TAG,
+    scopes=(Scope.WRITE,),
+    description="Items are validated one by one: an invalid one is a 422 in `results`.",
+    body=BatchIn,
+    answers={200: Answer(BatchResult, "Each item answered on its own, as the single form")},
+    errors=JSON_BODY_ERRORS,
+)
 async def subscribe_many(request: web.Request) -> web.Response:
     """Up to 1,000 at once, each validated and answered on its own, like the single form:
     `{"results": [{"index", "status": 202|200|422, "subscription"|"errors"}]}`."""
@@ -72,20 +94,11 @@ async def subscribe_many(request: web.Request) -> web.Response:
     for (index, _), (row, is_new) in zip(valid, created, strict=True):
         status = 202 if is_new else 200
         results[index] = {"index": index, "status": status, "subscription": dict(row)}
-    # Serialised as subscription_json does, but a thousand at once in pydantic's core: one
-    # model_validate and model_dump per row cost a third of the API's time in a batch.
-    body = _BATCH_ANSWER.dump_json(_BATCH_ANSWER.validate_python({"results": results}))
+    # All the rows validated and written in one call into pydantic's core (a model_validate
+    # and model_dump per row cost a third of the API's time in a batch); compact JSON, as
+    # this answer has always been.
+    body = BatchResult.model_validate({"results": results}).model_dump_json().encode()
     return web.Response(body=body, content_type="application/json")
-
-
-class _BatchItem(TypedDict, total=False):
-    index: Required[int]
-    status: Required[int]
-    subscription: SubscriptionOut  # 200 and 202
-    errors: list[dict[str, Any]]  # 422
-
-
-_BATCH_ANSWER = TypeAdapter(dict[str, list[_BatchItem]])
 
 
 async def _create(request: web.Request, news: list[NewSubscription]) -> list[Subscribed]:
@@ -94,7 +107,14 @@ async def _create(request: web.Request, news: list[NewSubscription]) -> list[Sub
 
 
 @routes.get("/v1/subscriptions")
-@requires(*READERS)
+@operation(
+    "List subscriptions, newest first",
+    tag=TAG,
+    scopes=READERS,
+    query=ListQuery,
+    answers={200: Answer(SubscriptionPage, "A page; pass `next_cursor` back as `cursor`")},
+    errors=(400,),
+)
 async def list_subscriptions(request: web.Request) -> web.Response:
     query: ListQuery = parse_query(ListQuery, dict(request.query))
     after = decode_cursor(query.cursor) if query.cursor else None
@@ -108,41 +128,68 @@ async def list_subscriptions(request: web.Request) -> web.Response:
     async with request.app[READ_ENGINE].connect() as conn:
         rows = await queries.list_subscriptions(conn, where, query.limit + 1, after)
     page, more = rows[: query.limit], len(rows) > query.limit
-    return web.json_response(
-        {
-            "items": [subscription_json(row) for row in page],
-            "next_cursor": encode_cursor(page[-1]) if more else None,
-        }
-    )
+    answer = {
+        "items": [dict(row) for row in page],
+        "next_cursor": encode_cursor(page[-1]) if more else None,
+    }
+    return json_answer(SubscriptionPage.model_validate(answer))
 
 
 @routes.get("/v1/subscriptions/{id}")
-@requires(*READERS)
+@operation(
+    "One subscription",
+    tag=TAG,
+    scopes=READERS,
+    path_params=SUBSCRIPTION_ID,
+    answers={200: Answer(SubscriptionOut, "The subscription")},
+    errors=(404,),
+)
 async def get_subscription(request: web.Request) -> web.Response:
     subscription_id = subscription_id_of(request)
     async with request.app[ENGINE].connect() as conn:
         row = await queries.get_subscription(conn, subscription_id)
     if row is None:
         raise NotFound.resource("subscription")
-    return web.json_response(subscription_json(row))
+    return json_answer(subscription_out(row))
 
 
 @routes.get("/v1/subscriptions/{id}/events")
-@requires(*READERS)
+@operation(
+    "Its tracking events, newest first",
+    tag=TAG,
+    scopes=READERS,
+    path_params=SUBSCRIPTION_ID,
+    answers={200: Answer(EventList, "The events")},
+    errors=(404,),
+)
 async def list_events(request: web.Request) -> web.Response:
     """The tracking events filed against it, newest first."""
     return await _items_of_subscription(request, queries.list_events, EventList)
 
 
 @routes.get("/v1/subscriptions/{id}/statuses")
-@requires(*READERS)
+@operation(
+    "Every change of its status, newest first",
+    tag=TAG,
+    scopes=READERS,
+    path_params=SUBSCRIPTION_ID,
+    answers={200: Answer(StatusChangeList, "The status changes")},
+    errors=(404,),
+)
 async def list_statuses(request: web.Request) -> web.Response:
     """Every change of its status, newest first: when at the carrier, when we learned it."""
     return await _items_of_subscription(request, queries.list_status_changes, StatusChangeList)
 
 
 @routes.get("/v1/subscriptions/{id}/attempts")
-@requires(*READERS)
+@operation(
+    "Every ShipEngine call made for it, newest first",
+    tag=TAG,
+    scopes=READERS,
+    path_params=SUBSCRIPTION_ID,
+    answers={200: Answer(AttemptList, "The calls")},
+    errors=(404,),
+)
 async def list_attempts(request: web.Request) -> web.Response:
     """Every ShipEngine call made for it, newest first: what happened when we tried."""
     return await _items_of_subscription(request, queries.list_attempts, AttemptList)
@@ -158,12 +205,18 @@ async def _items_of_subscription(
         if await queries.get_subscription(conn, subscription_id) is None:
             raise NotFound.resource("subscription")
         rows = await fetch(conn, subscription_id)
-    document = model.model_validate({"items": [dict(row) for row in rows]})
-    return web.json_response(document.model_dump(mode="json"))
+    return json_answer(model.model_validate({"items": [dict(row) for row in rows]}))
 
 
 @routes.post("/v1/subscriptions/{id}/retry")
-@requires(Scope.OPS)
+@operation(
+    "Retry a failed subscription",
+    tag=TAG,
+    scopes=(Scope.OPS,),
+    path_params=SUBSCRIPTION_ID,
+    answers={202: Answer(SubscriptionOut, "`pending` again, its start due at once")},
+    errors=(404, 409),
+)
 async def retry_subscription(request: web.Request) -> web.Response:
     """202: a failed subscription is pending again, its start due at once."""
     subscription_id = subscription_id_of(request)
@@ -172,7 +225,7 @@ async def retry_subscription(request: web.Request) -> web.Response:
         if row is None:
             current = await queries.get_subscription(conn, subscription_id)
     if row is not None:
-        return web.json_response(subscription_json(row), status=202)
+        return json_answer(subscription_out(row), status=202)
     if current is None:
         raise NotFound.resource("subscription")
     raise Conflict(
@@ -185,7 +238,14 @@ async def retry_subscription(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/subscriptions/{id}")
-@requires(Scope.WRITE)
+@operation(
+    "Cancel a subscription",
+    tag=TAG,
+    scopes=(Scope.WRITE,),
+    path_params=SUBSCRIPTION_ID,
+    answers={202: Answer(SubscriptionOut, "Cancelled: `stopping` until ShipEngine is told")},
+    errors=(404,),
+)
 async def cancel_subscription(request: web.Request) -> web.Response:
     """202: the stop is recorded; the dispatcher tells ShipEngine and then marks it stopped."""
     subscription_id = subscription_id_of(request)
@@ -193,7 +253,7 @@ async def cancel_subscription(request: web.Request) -> web.Response:
         row = await queries.request_stop(conn, subscription_id)
     if row is None:
         raise NotFound.resource("subscription")
-    return web.json_response(subscription_json(row), status=202)
+    return json_answer(subscription_out(row), status=202)
 
 
 def subscription_id_of(request: web.Request) -> uuid.UUID:

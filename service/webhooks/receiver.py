@@ -27,11 +27,20 @@ from aiohttp import web
 from service import json_exact
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import DELIVERY_COMMITS, ENGINE, METRICS, SETTINGS, VERIFIER
+from service.api.operations import Answer, Param, operation
+from service.api.schemas import TrackWebhook, WebhookReceipt
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
 from service.domain.deliveries import DeliveryOutcome
 from service.domain.tracking import content_digest, json_depth_exceeds, parse_track_payload
 from service.webhooks.refusals import REFUSALS, sample, stored_headers
-from service.webhooks.signatures import SIGNATURE_HEADERS, Refusal, secret_matches
+from service.webhooks.signatures import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    SIGNATURE_HEADERS,
+    TIMESTAMP_HEADER,
+    Refusal,
+    secret_matches,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +71,25 @@ class Refused(ApiError):
 
 
 @routes.post("/v1/webhooks/shipengine")
+@operation(
+    "ShipEngine's `track` webhook",
+    tag="webhooks",
+    description=(
+        "Authenticated by ShipEngine's RSA-SHA256 signature over `timestamp.body`, not by a "
+        "token: no signature headers is 404, a stale timestamp 400, a bad signature or "
+        "unknown key 401, unfetchable keys 503. A custom header registered with the webhook "
+        "(`WEBHOOK_SECRET_HEADER`) may also be required."
+    ),
+    body=TrackWebhook,
+    headers={
+        KEY_ID_HEADER: Param({"type": "string"}, "the JWKS key that signed it"),
+        SIGNATURE_HEADER: Param({"type": "string"}, "base64 RSA-SHA256 signature"),
+        TIMESTAMP_HEADER: Param({"type": "string"}, "when it was signed"),
+    },
+    # Written by orjson from a dict, not from the model: the hot path stays as fast.
+    answers={200: Answer(WebhookReceipt, "Stored and filed (or an orphan, or a duplicate)")},
+    errors=(400, 401, 404, 413, 415, 503),
+)
 async def receive_track(request: web.Request) -> web.Response:
     body = b""
     verification = "skipped"

@@ -12,11 +12,11 @@ from datetime import UTC, datetime
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from service.api.auth import requires
 from service.api.body import read_json
 from service.api.errors import NotFound
 from service.api.keys import ENGINE, SETTINGS
-from service.api.schemas import parse_body
+from service.api.operations import JSON_BODY_ERRORS, Answer, operation
+from service.api.schemas import DELIVERY_ID, ReplayRangeResult, ReplayResult, parse_body
 from service.db import deliveries
 from service.domain.access import Scope
 
@@ -50,7 +50,14 @@ class ReplayRange(BaseModel):
 
 
 @routes.post("/v1/webhooks/deliveries/{id}/replay")
-@requires(Scope.OPS)
+@operation(
+    "File a stored delivery again",
+    tag="webhooks",
+    scopes=(Scope.OPS,),
+    path_params=DELIVERY_ID,
+    answers={200: Answer(ReplayResult, "What filing it again changed")},
+    errors=(404,),
+)
 async def replay_one(request: web.Request) -> web.Response:
     delivery_id = _delivery_id(request)
     async with request.app[ENGINE].begin() as conn:
@@ -69,7 +76,14 @@ async def replay_one(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/webhooks/deliveries/replay")
-@requires(Scope.OPS)
+@operation(
+    "File again every original delivery received in a time range",
+    tag="webhooks",
+    scopes=(Scope.OPS,),
+    body=ReplayRange,
+    answers={200: Answer(ReplayRangeResult, "How many matched, and their outcomes")},
+    errors=JSON_BODY_ERRORS,
+)
 async def replay_range(request: web.Request) -> web.Response:
     """Re-filed a chunk per transaction, so a long replay holds no long locks."""
     wanted: ReplayRange = parse_body(ReplayRange, await read_json(request))
