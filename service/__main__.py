@@ -11,9 +11,10 @@ from collections.abc import Callable
 import uvloop
 from aiohttp import web
 
-from service import cli_ops, cli_tokens
-from service.gc_tuning import tune_for_serving
+from service.cli import ops as cli_ops
+from service.cli import tokens as cli_tokens
 from service.logs import configure_logging
+from service.process.gc_tuning import tune_for_serving
 from service.settings import Settings, SettingsError, markdown_table
 
 
@@ -36,7 +37,7 @@ def _api() -> None:
     if settings.api_workers == 1:
         serve()
         return
-    from service.workers import supervise
+    from service.process.workers import supervise
 
     raise SystemExit(supervise(settings.api_workers, lambda: serve(reuse_port=True)))
 
@@ -66,7 +67,7 @@ def _simulator() -> None:
 
 
 def _run() -> None:
-    from service import devstack
+    from service.process import devstack
 
     asyncio.run(devstack.run(os.environ))
 

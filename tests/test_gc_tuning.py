@@ -1,10 +1,10 @@
-"""Server processes keep the cyclic collector's pauses short (service/gc_tuning.py says why)."""
+"""Server processes keep the cyclic collector's pauses short (`process/gc_tuning.py` says why)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from service.gc_tuning import YOUNG_GENERATION_THRESHOLD
+from service.process.gc_tuning import YOUNG_GENERATION_THRESHOLD
 from tests.conftest import RunningSimulator
 from tests.processes import ApiProcess, DispatcherProcess
 

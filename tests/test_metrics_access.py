@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.app import create_app
 from service.api.metrics_access import ScrapeAccess, Verdict
-from service.cli_tokens import add_parser
+from service.cli.tokens import add_parser
 from service.db.engine import create_engine
 from service.db.tokens import create_token, revoke_token
 from service.domain.access import IssuedToken, Scope

@@ -82,6 +82,9 @@ class OpsSummary(BaseModel):
     deliveries_last_hour: dict[str, int] = Field(
         description="by outcome; refusals as `refused:<reason>`"
     )
+    refusals_unstored_last_hour: dict[str, int] = Field(
+        description="refused webhooks counted but not stored (past the sample), by reason"
+    )
     as_of: datetime
 
 
