@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import typing
 from datetime import UTC, datetime
 
 import pytest
 
+from service.api.schemas import EventOut
 from service.db.dispatch import bucket_shape
 from service.domain.subscriptions import (
     CallOutcome,
@@ -19,7 +21,14 @@ from service.domain.subscriptions import (
     Transition,
     transition,
 )
-from service.domain.tracking import content_digest, number, parse_track_payload, text, timestamp
+from service.domain.tracking import (
+    TrackEvent,
+    content_digest,
+    number,
+    parse_track_payload,
+    text,
+    timestamp,
+)
 from service.shipengine.classification import ERROR_CODES
 from service.shipengine.client import classify
 from tests.payloads import track_body
@@ -393,3 +402,11 @@ def test_the_content_hash_takes_integers_past_64_bits() -> None:
     payload["data"]["weight"] = 2**70
     digest = content_digest(payload, parse_track_payload(payload))
     assert digest == _stdlib_digest(payload)
+
+
+def test_an_events_answer_shows_exactly_the_fields_trackevent_declares() -> None:
+    """TrackEvent is the one declaration of an event: the table's columns are made from it,
+    and the answer model, which the OpenAPI document needs spelled out, is held to it here."""
+    answer_fields = {name: field.annotation for name, field in EventOut.model_fields.items()}
+    assert answer_fields.pop("received_at") == datetime
+    assert answer_fields == typing.get_type_hints(TrackEvent)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from service.domain.deliveries import ORIGINAL_OUTCOMES, DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
+from service.domain.tracking import EVENT_FIELD_TYPES
 
 metadata = sa.MetaData(
     naming_convention={
@@ -28,6 +30,21 @@ def _quoted(values: Iterable[enum.StrEnum]) -> str:
 
 
 _STATES = _quoted(SubscriptionState)
+
+
+def _event_columns() -> list[sa.Column[object]]:
+    """A column for each field of TrackEvent, the one declaration of an event, in its order."""
+    return [_event_column(name, hint) for name, hint in EVENT_FIELD_TYPES.items()]
+
+
+def _event_column(name: str, hint: object) -> sa.Column[object]:
+    if hint == (datetime | None):
+        return _timestamp(name)
+    if hint == (float | None):
+        return sa.Column(name, sa.Float)
+    if hint == (str | None):
+        return sa.Column(name, sa.Text)
+    raise TypeError(f"TrackEvent.{name}: no column type for {hint}")
 
 
 def _timestamp(name: str, *, nullable: bool = True) -> sa.Column[object]:
@@ -210,22 +227,7 @@ tracking_events = sa.Table(
     # A digest of the event's identifying fields: the same event in a later delivery (every
     # delivery repeats the whole history) collides here and is stored once.
     sa.Column("event_key", sa.LargeBinary, nullable=False),
-    _timestamp("occurred_at"),
-    sa.Column("carrier_occurred_at", sa.Text),
-    sa.Column("status_code", sa.Text),
-    sa.Column("event_code", sa.Text),
-    sa.Column("description", sa.Text),
-    sa.Column("carrier_status_code", sa.Text),
-    sa.Column("carrier_detail_code", sa.Text),
-    sa.Column("status_detail_code", sa.Text),
-    sa.Column("city_locality", sa.Text),
-    sa.Column("state_province", sa.Text),
-    sa.Column("postal_code", sa.Text),
-    sa.Column("country_code", sa.Text),
-    sa.Column("company_name", sa.Text),
-    sa.Column("signer", sa.Text),
-    sa.Column("latitude", sa.Float),
-    sa.Column("longitude", sa.Float),
+    *_event_columns(),
     # The delivery that first told us; no foreign key, as deliveries are kept shorter.
     sa.Column("delivery_id", sa.BigInteger),
     sa.Column(

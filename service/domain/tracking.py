@@ -12,6 +12,7 @@ import functools
 import hashlib
 import math
 import re
+import typing
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -19,22 +20,6 @@ from urllib.parse import parse_qs, urlsplit
 from service import json_exact
 
 _T = TypeVar("_T")
-
-_EVENT_TEXT_FIELDS = (
-    "carrier_occurred_at",
-    "status_code",
-    "event_code",
-    "description",
-    "carrier_status_code",
-    "carrier_detail_code",
-    "status_detail_code",
-    "city_locality",
-    "state_province",
-    "postal_code",
-    "country_code",
-    "company_name",
-    "signer",
-)
 
 
 class TrackEvent(NamedTuple):
@@ -73,6 +58,13 @@ class TrackEvent(NamedTuple):
             self.country_code or "",
         ]
         return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+
+# The one declaration of an event's fields is TrackEvent: the parser reads them, the table's
+# columns are made from them (`db/tables.py`), and the answer model is held to them
+# (`api/schemas.py`, tests/test_domain.py). Its text fields, by their type:
+EVENT_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrackEvent)
+_EVENT_TEXT_FIELDS = tuple(name for name, hint in EVENT_FIELD_TYPES.items() if hint == (str | None))
 
 
 @dataclasses.dataclass(frozen=True)
