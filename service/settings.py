@@ -416,13 +416,22 @@ def _masked(value: object) -> object:
 
 
 def _url_password(value: object) -> str | None:
-    """The password of a setting that is a URL with one (a database's)."""
-    return urlsplit(value).password if isinstance(value, str) else None
+    """The password of a setting that is a URL with one (a database's). A text that is no URL
+    at all (HOST='//[') has none: it must not stop the start with a traceback."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return urlsplit(value).password
+    except ValueError:
+        return None
 
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced, for logs."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url  # not a URL, so no password in it
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)

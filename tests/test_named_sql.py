@@ -62,6 +62,20 @@ SELECT :a, :b, :a, '{a,b}'::text[], x::int
     }
 
 
+def test_comments_around_a_block_are_neither_sent_nor_spliced() -> None:
+    text = """-- name: a
+SELECT x, {columns}, z
+-- Said of the next statement, not sent with this one.
+
+-- name: b
+SELECT 2
+-- part: columns
+y
+-- A note on the part: spliced mid-line, it would comment out the rest of the line.
+"""
+    assert named_sql(text) == {"a": "SELECT x, y, z", "b": "SELECT 2"}
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
@@ -70,6 +84,7 @@ SELECT :a, :b, :a, '{a,b}'::text[], x::int
         ("-- name: a\nSELECT {b}\n", "no part b for a"),
         ("-- name: a\nSELECT {b}\n-- part: b\n({b})\n", "part b includes itself"),
         ("-- name: a\nSELECT 1\n-- part: b\nSELECT 2\n", "parts ['b'] are not used"),
+        ("-- name: a\nSELECT 1 -- see {b}\n-- part: b\nSELECT 2\n", "named in a comment of a"),
     ],
 )
 def test_a_file_that_says_something_else_is_refused(text: str, error: str) -> None:

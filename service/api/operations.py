@@ -3,7 +3,8 @@
 A handler declares its summary, the scopes a token needs for it (any one of them), its query,
 body and path parameters, and its answers; the `authenticate` middleware reads the scopes from
 it, and `service/api/openapi.py` documents every route whose handler declares one. Handlers
-answer with the models they declare (`json_answer`).
+answer with the models they declare (`json_answer`), but for a few that keep a faster or
+exactly shaped answer, each saying why (the receiver, the summary, the timeline, readiness).
 """
 
 from __future__ import annotations

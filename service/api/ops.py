@@ -168,8 +168,8 @@ async def summary(request: web.Request) -> web.Response:
         await _recount(request.app)
     elif cached["expires"] < time.monotonic() and not cached.get("recounting"):
         cached["recounting"] = asyncio.create_task(_recount(request.app))
-    # The counts as service/db/ops.py made them, not an OpsSummary: that model would drop
-    # what it does not name (`refusals_unstored_last_hour`) and write `as_of` otherwise.
+    # The counts as service/db/ops.py made them, not an OpsSummary: the model would write
+    # `as_of` otherwise (`Z` for `+00:00`).
     return web.json_response(cached["document"])
 
 

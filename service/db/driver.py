@@ -97,7 +97,9 @@ def named_sql(text: str) -> dict[str, str]:
     for kind, name, block in zip(blocks[1::3], blocks[2::3], blocks[3::3], strict=True):
         if name in found["name"] or name in found["part"]:
             raise ValueError(f"named SQL: {name} twice")
-        found[kind][name] = _DOCUMENTATION.sub("", block, count=1).rstrip()
+        # Comment lines before a block's SQL document it, and those after it document the next
+        # block: neither is sent, nor spliced into a statement that includes the block.
+        found[kind][name] = _TRAILING.sub("", _DOCUMENTATION.sub("", block, count=1))
     parts, included = found["part"], set[str]()
     statements = {
         name: _included(sql, parts, (name,), included) for name, sql in found["name"].items()
@@ -111,6 +113,8 @@ def _included(sql: str, parts: dict[str, str], within: tuple[str, ...], used: se
     """`sql` with each `{part}` replaced by that part, its lines indented as the line it is on."""
     lines = []
     for line in sql.split("\n"):
+        if _INCLUDE.search(line.partition("--")[2]):
+            raise ValueError(f"named SQL: a part named in a comment of {within[-1]}")
         indent = "\n" + line[: len(line) - len(line.lstrip())]
         for name in _INCLUDE.findall(line):
             if name not in parts:
@@ -127,6 +131,8 @@ def _included(sql: str, parts: dict[str, str], within: tuple[str, ...], used: se
 _HEADER = re.compile(r"^-- (name|part): ([a-z_][a-z0-9_]*)[ \t]*\n", re.MULTILINE)
 # The comment lines (and blank ones) at the start of a block.
 _DOCUMENTATION = re.compile(r"\A(?:[ \t]*(?:--[^\n]*)?\n)*")
+# The comment lines (and blank ones) at the end of a block.
+_TRAILING = re.compile(r"(?:\n[ \t]*(?:--[^\n]*)?)*\s*\Z")
 _INCLUDE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
