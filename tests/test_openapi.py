@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase
 from hypothesis.strategies import SearchStrategy
+from pydantic import BaseModel
 from schemathesis import APIOperation, GenerationMode
 from schemathesis import Case as AnyCase
 from schemathesis.checks import not_a_server_error
@@ -38,7 +39,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.app import OPERATIONS, create_app, document
+from service.api.health import DispatchState, Readiness
 from service.api.openapi import SECURITY_SCHEME
+from service.api.ops import OpsSummary, TimelineEntry
+from service.api.schemas import WebhookReceipt
 from service.dispatcher.worker import Dispatcher
 from service.settings import Settings
 from service.simulator import SigningKeys
@@ -324,3 +328,31 @@ async def test_a_webhook_with_nul_in_its_text_is_filed(
 async def test_a_webhook_nested_too_deep_is_400(api: Client, shipengine: RunningSimulator) -> None:
     data = b"[" * 100_000 + b"]" * 100_000
     await WebhookSender(api, shipengine.simulator.keys).deliver(data, 400)
+
+
+def assert_declared(model: type[BaseModel], answer: dict[str, Any]) -> None:
+    """The answer is what `model` says, and names nothing `model` does not declare."""
+    model.model_validate(answer)
+    assert set(answer) <= set(model.model_fields), set(answer) - set(model.model_fields)
+
+
+async def test_answers_written_as_dicts_name_only_what_their_models_declare(
+    api: Client, shipengine: RunningSimulator
+) -> None:
+    """A few handlers keep a faster or exactly shaped answer than their model would write; the
+    document still describes them, so a field they add must be declared there too."""
+    created = await (
+        await api.post("/v1/subscriptions", json={"carrier_code": "ups", "tracking_number": "D1"})
+    ).json()
+    body = json.dumps(track_body("D1", "ups", 1)).encode()
+    headers = {"Content-Type": "application/json", **shipengine.simulator.keys.headers(body)}
+    receipt = await (await api.post("/v1/webhooks/shipengine", data=body, headers=headers)).json()
+    assert_declared(WebhookReceipt, receipt)
+    assert_declared(OpsSummary, await (await api.get("/v1/ops/summary")).json())
+    ready = await (await api.get("/readyz")).json()
+    assert_declared(Readiness, ready)
+    assert_declared(DispatchState, ready["dispatch"])
+    timeline = await (await api.get(f"/v1/subscriptions/{created['id']}/timeline")).json()
+    assert timeline["items"]
+    for entry in timeline["items"]:
+        assert_declared(TimelineEntry, entry)

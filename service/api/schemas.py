@@ -23,6 +23,7 @@ from service.api.errors import (
 )
 from service.api.operations import Param
 from service.db.subscriptions import Cursor, NewSubscription
+from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import Operation, OutcomeKind, SubscriptionState
 
 METADATA_MAX_BYTES = 8 * 1024
@@ -204,7 +205,8 @@ class TrackWebhook(BaseModel):
     data: dict[str, Any] | None = None
 
 
-Outcome = Literal["filed", "orphan", "duplicate"]
+# What a delivery that was not refused came to (a refusal is answered as an error instead).
+Outcome = Literal[DeliveryOutcome.FILED, DeliveryOutcome.ORPHAN, DeliveryOutcome.DUPLICATE]
 
 
 class WebhookReceipt(BaseModel):
