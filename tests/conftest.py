@@ -13,7 +13,7 @@ import dataclasses
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from service.dispatcher.worker import Dispatcher
 from service.domain.access import Scope
 from service.settings import Settings
 from service.simulator import SIMULATOR, Simulator, SimulatorConfig, create_simulator_app
+from tests.webhook_sender import WebhookSender
 
 
 def with_database(server_url: str, database: str) -> str:
@@ -174,3 +175,30 @@ async def api(
     all-scopes token; ShipEngine's keys come from the simulator."""
     async with TestClient(TestServer(create_app(live_settings)), headers=bearer(token)) as client:
         yield client
+
+
+@pytest.fixture
+def hooks(
+    api: TestClient[web.Request, web.Application], shipengine: RunningSimulator
+) -> WebhookSender:
+    """ShipEngine's `track` webhooks to the `api` fixture, signed with the simulator's keys."""
+    return WebhookSender(api, shipengine.simulator.keys)
+
+
+AppWith = Callable[[Settings], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def app_with() -> AsyncIterator[AppWith]:
+    """Build API clients with other settings than the `api` fixture's; closed after the test."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def build(settings: Settings) -> TestClient[web.Request, web.Application]:
+        client = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        await client.close()

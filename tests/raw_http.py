@@ -21,7 +21,10 @@ ANSWER_TIMEOUT_S = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class RawAnswer:
+    """`status` 0: the server hung up without answering (a request it could not parse)."""
+
     status: int
+    head: bytes
     body: bytes
 
     def json(self) -> Any:
@@ -32,6 +35,34 @@ def header_bytes(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in headers.items()]
 
 
+def request_bytes(
+    method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes, host: bytes
+) -> bytes:
+    """The request's head (Host, Content-Length and Connection added) and `body`."""
+    head = [
+        method + b" " + path + b" HTTP/1.1",
+        b"Host: " + host,
+        b"Content-Length: " + str(len(body)).encode(),
+        b"Connection: close",
+        *(name + b": " + value for name, value in headers),
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def exchange(host: str, port: int, request: bytes) -> RawAnswer:
+    """Write `request` as is on a new connection; the answer, read to the end."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            return await _read_answer(reader)
+    except ConnectionResetError:
+        return RawAnswer(0, b"", b"")
+    finally:
+        writer.close()
+
+
 async def raw_post(
     client: TestClient[web.Request, web.Application],
     path: str,
@@ -40,36 +71,24 @@ async def raw_post(
     *,
     send_body: bool = True,
 ) -> RawAnswer:
-    """POST `body` with exactly these header bytes (Host, Content-Length and Connection are
-    added). With `send_body=False` only the head is sent: the answer shows the server did not
-    wait for the body it was promised."""
+    """POST `body` with exactly these header bytes. With `send_body=False` only the head is
+    sent: the answer shows the server did not wait for the body it was promised."""
     host, port = client.server.host, client.server.port
     assert port is not None
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        head = [
-            b"POST " + path.encode() + b" HTTP/1.1",
-            b"Host: " + f"{host}:{port}".encode(),
-            b"Content-Length: " + str(len(body)).encode(),
-            b"Connection: close",
-            *(name + b": " + value for name, value in headers),
-        ]
-        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + (body if send_body else b""))
-        await writer.drain()
-        async with asyncio.timeout(ANSWER_TIMEOUT_S):
-            answer = await _read_answer(reader)
-    finally:
-        writer.close()
-    return answer
+    request = request_bytes(b"POST", path.encode(), headers, body, f"{host}:{port}".encode())
+    return await exchange(host, port, request if send_body else request[: -len(body) or None])
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> RawAnswer:
-    status_line = await reader.readline()
-    status = int(status_line.split()[1])
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return RawAnswer(0, b"", b"")  # closed without an answer
     length = None
-    while (line := await reader.readline()) not in (b"\r\n", b""):
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value.strip())
+    # By its length where it gives one: a server still owed a body need not close first.
     body = await (reader.readexactly(length) if length is not None else reader.read())
-    return RawAnswer(status, body)
+    return RawAnswer(int(head.split(b" ", 2)[1]), head, body)

@@ -7,12 +7,11 @@ and is never hashed nor looked up (its undecodable bytes could not be hashed).
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from tests.raw_http import exchange
 from tests.test_dashboard import log_in
 
 Client = TestClient[web.Request, web.Application]
@@ -115,14 +114,8 @@ async def test_a_session_cookie_of_absurd_length_is_no_session(api: Client) -> N
 async def raw_request(api: Client, request: bytes) -> bytes:
     """Write `request` as is on a new connection; the whole answer, head and body."""
     assert api.server.port is not None
-    reader, writer = await asyncio.open_connection(api.server.host, api.server.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        return await reader.read()  # `Connection: close`: read to the end
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    answer = await exchange(api.server.host, api.server.port, request)
+    return answer.head + answer.body
 
 
 def status_of(answer: bytes) -> int:

@@ -7,7 +7,6 @@ The generator is seeded, so a failure names the request that caused it and repro
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import random
@@ -23,6 +22,7 @@ from service.settings import Settings
 from service.webhooks.signatures import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from tests.conftest import RunningSimulator
 from tests.payloads import track_body
+from tests.raw_http import exchange, request_bytes
 
 Client = TestClient[web.Request, web.Application]
 SECRET_HEADER = "X-Hook-Secret"
@@ -188,25 +188,10 @@ async def send(client: Client, request: Request) -> int:
     """Write the request on its own connection; the answer's status (0: no answer)."""
     host, port = client.server.host, client.server.port
     assert port is not None
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        head = [
-            request.method + b" " + request.path + b" HTTP/1.1",
-            f"Host: {host}:{port}".encode(),
-            f"Content-Length: {len(request.body)}".encode(),
-            b"Connection: close",
-            *(name + b": " + value for name, value in request.headers),
-        ]
-        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + request.body)
-        await writer.drain()
-        async with asyncio.timeout(ANSWER_TIMEOUT_S):
-            status_line = await reader.readline()
-            await reader.read()
-    except ConnectionResetError:
-        return 0  # the server hung up on a request it could not parse: not a 5xx
-    finally:
-        writer.close()
-    return int(status_line.split()[1]) if status_line else 0
+    wire = request_bytes(
+        request.method, request.path, request.headers, request.body, f"{host}:{port}".encode()
+    )
+    return (await exchange(host, port, wire)).status
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -21,6 +20,7 @@ from service.domain.access import IssuedToken, Scope
 from service.settings import Settings
 from tests.conftest import bearer
 from tests.processes import free_port
+from tests.raw_http import exchange
 
 Client = TestClient[web.Request, web.Application]
 
@@ -95,16 +95,13 @@ async def test_the_metrics_scope_opens_nothing_else(
 
 async def test_a_non_utf8_authorization_header_is_no_token(anonymous: Client) -> None:
     assert anonymous.server.port is not None
-    reader, writer = await asyncio.open_connection(anonymous.server.host, anonymous.server.port)
-    try:
-        writer.write(
-            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Authorization: Bearer tt_\xff\xfe_\xc3\x28\r\nConnection: close\r\n\r\n"
-        )
-        answer = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    sent = await exchange(
+        anonymous.server.host,
+        anonymous.server.port,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer tt_\xff\xfe_\xc3\x28\r\nConnection: close\r\n\r\n",
+    )
+    answer = sent.head + sent.body
     assert answer.startswith(b"HTTP/1.1 401 "), answer
 
 

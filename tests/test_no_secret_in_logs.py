@@ -22,6 +22,7 @@ from service.domain.access import Scope
 from tests.conftest import RunningSimulator, bearer
 from tests.payloads import track_body
 from tests.processes import ApiProcess, DispatcherProcess
+from tests.raw_http import exchange, request_bytes
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -70,20 +71,9 @@ async def raw_post(url: str, path: str, headers: list[bytes], body: bytes) -> in
     """POST with header bytes no client library would send; the answer's status."""
     host_port = url.removeprefix("http://")
     host, port = host_port.split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = [
-        f"POST {path} HTTP/1.1".encode(),
-        f"Host: {host_port}".encode(),
-        f"Content-Length: {len(body)}".encode(),
-        b"Connection: close",
-        *headers,
-    ]
-    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-    await writer.drain()
-    status_line = await reader.readline()
-    await reader.read()
-    writer.close()
-    return int(status_line.split()[1])
+    pairs = [(name, value) for name, _, value in (line.partition(b": ") for line in headers)]
+    request = request_bytes(b"POST", path.encode(), pairs, body, host_port.encode())
+    return (await exchange(host, int(port), request)).status
 
 
 async def test_no_log_line_holds_a_secret_a_token_or_a_session_id(

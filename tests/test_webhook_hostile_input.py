@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.app import create_app
 from service.domain.tracking import json_depth_exceeds, timestamp
 from service.settings import Settings
 from service.webhooks.signatures import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
@@ -31,26 +30,6 @@ NUMBER = "9405511899223197428490"
 SECRET_HEADER = "X-Tracking-Secret"
 # Not UTF-8: a lone continuation byte, an unfinished sequence, an overlong one, a stray 0xff.
 GARBAGE = (b"\xff\xfe", b"\xc3(", b"ok\x80ok", b"\xf0\x28\x8c\xbc", b"\xc0\xaf")
-
-
-@pytest.fixture
-def hooks(api: Client, shipengine: RunningSimulator) -> WebhookSender:
-    return WebhookSender(api, shipengine.simulator.keys)
-
-
-@pytest.fixture
-async def app_with() -> AsyncIterator[Callable[[Settings], Awaitable[Client]]]:
-    clients: list[Client] = []
-
-    async def build(settings: Settings) -> Client:
-        client = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        await client.close()
 
 
 async def rows(engine: AsyncEngine, sql: str) -> list[tuple[Any, ...]]:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.app import create_app
 from service.settings import SHIPENGINE_PRODUCTION_URL, Settings, SettingsError
 from tests.conftest import RunningSimulator
 from tests.payloads import event, track_body
@@ -23,27 +21,6 @@ from tests.webhook_sender import WebhookSender
 
 Client = TestClient[web.Request, web.Application]
 NUMBER = "9405511899223197428490"
-
-
-@pytest.fixture
-def hooks(api: Client, shipengine: RunningSimulator) -> WebhookSender:
-    return WebhookSender(api, shipengine.simulator.keys)
-
-
-@pytest.fixture
-async def app_with() -> AsyncIterator[Any]:
-    """Build API clients with other settings than the default fixture's."""
-    clients: list[Client] = []
-
-    async def build(settings: Settings) -> Client:
-        client = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        await client.close()
 
 
 async def subscribe(api: Client, number: str = NUMBER) -> dict[str, Any]:

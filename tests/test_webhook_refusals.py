@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 import sqlalchemy as sa
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.app import create_app
 from service.api.keys import ENGINE
 from service.db.engine import create_engine
 from service.settings import Settings
@@ -32,13 +29,13 @@ from service.webhooks.refusals import (
     RefusalLedger,
     SampleBudget,
 )
-from tests.conftest import RunningSimulator, bearer
+from tests.conftest import AppWith, RunningSimulator, bearer
 from tests.payloads import track_body
 from tests.raw_http import raw_post
 from tests.webhook_sender import WEBHOOK, WebhookSender
 
 Client = TestClient[web.Request, web.Application]
-Build = Callable[[Settings], Awaitable[Client]]
+
 SECRET_HEADER = "X-Tracking-Secret"
 SECRET = "s3cret-never-stored"
 # Like the issue's: many headers of nearly aiohttp's limit each (8190 bytes a line; 128 headers
@@ -50,26 +47,6 @@ COUNTERS = {
     "tracking_webhook_refusals_unstored_total": "unstored",
 }
 CREDENTIALS = {"Authorization": "Bearer not-for-storing", "Cookie": "session=not-for-storing"}
-
-
-@pytest.fixture
-async def app_with() -> AsyncIterator[Build]:
-    clients: list[Client] = []
-
-    async def build(settings: Settings) -> Client:
-        client = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield build
-    for client in clients:
-        await client.close()
-
-
-@pytest.fixture
-def hooks(api: Client, shipengine: RunningSimulator) -> WebhookSender:
-    return WebhookSender(api, shipengine.simulator.keys)
 
 
 async def rows(engine: AsyncEngine, sql: str) -> list[tuple[Any, ...]]:
@@ -134,7 +111,7 @@ async def test_without_signature_headers_a_request_is_counted_not_stored(
 
 
 async def test_refusals_past_the_sample_are_counted_not_stored(
-    app_with: Build,
+    app_with: AppWith,
     live_settings: Settings,
     shipengine: RunningSimulator,
     engine: AsyncEngine,
@@ -228,7 +205,7 @@ async def test_counts_are_kept_as_long_as_deliveries(api: Client, engine: AsyncE
 
 
 async def test_stored_headers_hold_no_credentials_nor_the_shared_secret(
-    app_with: Build, live_settings: Settings, shipengine: RunningSimulator, engine: AsyncEngine
+    app_with: AppWith, live_settings: Settings, shipengine: RunningSimulator, engine: AsyncEngine
 ) -> None:
     settings = dataclasses.replace(
         live_settings, webhook_secret_header=SECRET_HEADER, webhook_secret=SECRET

@@ -13,17 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import RunningSimulator
 from tests.payloads import track_body
 from tests.webhook_sender import WEBHOOK, WebhookSender
 
 Client = TestClient[web.Request, web.Application]
 TRACKING_NUMBER = "9405511899223197428490"
-
-
-@pytest.fixture
-def hooks(api: Client, shipengine: RunningSimulator) -> WebhookSender:
-    return WebhookSender(api, shipengine.simulator.keys)
 
 
 async def subscribe(api: Client, carrier_code: str = "stamps_com") -> str:
