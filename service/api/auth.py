@@ -17,8 +17,8 @@ from aiohttp.typedefs import Handler
 from service.api.errors import ApiError, ErrorDetail
 from service.api.keys import ENGINE
 from service.api.operations import scopes_of
-from service.db.tokens import find_token
-from service.domain.access import Scope, read_token
+from service.db.tokens import LiveToken, find_token
+from service.domain.access import PresentedToken, Scope, read_token
 
 TOKEN_CACHE_S = 30.0
 PUBLIC_PATHS = frozenset({"/v1/webhooks/shipengine"})
@@ -39,34 +39,34 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if not request.path.startswith("/v1/") or request.path in PUBLIC_PATHS:
         return await handler(request)
     presented = read_token(request.headers.get("Authorization"))
-    if presented is None:
-        raise _unauthorized("an Authorization: Bearer token is required")
-    found = await _client_scopes(request.app, presented.token_id)
-    if found is None or not presented.matches(found[2]):
-        raise _unauthorized("the token is unknown or revoked")
-    client, scopes, _ = found
-    needed = scopes_of(_route_handler(request))
-    if needed and not needed & scopes:
-        wanted = " or ".join(sorted(scope.value for scope in needed))
-        raise Forbidden(ErrorDetail("security", "forbidden", f"this needs the scope {wanted}"))
-    request[CLIENT] = client
+    found = await _cached_token(request.app, presented.token_id) if presented else None
+    token = check_token(presented, found, scopes_of(_route_handler(request)))
+    request[CLIENT] = token.client
     return await handler(request)
 
 
-async def _client_scopes(
-    app: web.Application, token_id: str
-) -> tuple[str, frozenset[Scope], bytes] | None:
-    cache: dict[str, tuple[float, tuple[str, frozenset[Scope], bytes] | None]] = app[TOKENS]
+def check_token(
+    presented: PresentedToken | None, found: LiveToken | None, needed: frozenset[Scope]
+) -> LiveToken:
+    """The token, if it is the one presented and holds one of the `needed` scopes (none needed:
+    any token); else the 401 or 403 to answer. Shared by /v1 and /metrics."""
+    if presented is None:
+        raise _unauthorized("an Authorization: Bearer token is required")
+    if found is None or not presented.matches(found.secret_sha256):
+        raise _unauthorized("the token is unknown or revoked")
+    if needed and not needed & found.scopes:
+        wanted = " or ".join(sorted(scope.value for scope in needed))
+        raise Forbidden(ErrorDetail("security", "forbidden", f"this needs the scope {wanted}"))
+    return found
+
+
+async def _cached_token(app: web.Application, token_id: str) -> LiveToken | None:
+    cache: dict[str, tuple[float, LiveToken | None]] = app[TOKENS]
     cached = cache.get(token_id)
     if cached is not None and cached[0] > time.monotonic():
         return cached[1]
     async with app[ENGINE].connect() as conn:
-        row = await find_token(conn, token_id)
-    found = None
-    if row is not None:
-        known = {scope.value for scope in Scope}
-        scopes = frozenset(Scope(scope) for scope in row["scopes"] if scope in known)
-        found = (row["client"], scopes, bytes(row["secret_sha256"]))
+        found = await find_token(conn, token_id)
     if len(cache) > 10_000:  # bounded: unknown ids sent at random must not grow it forever
         cache.clear()
     cache[token_id] = (time.monotonic() + TOKEN_CACHE_S, found)

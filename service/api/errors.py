@@ -7,8 +7,9 @@ errors use it too; `error_source` says they come from this service, not from Shi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeVar
 
+from aiohttp import web
 from pydantic import BaseModel, Field
 
 ERROR_SOURCE = "tracking_service"
@@ -57,6 +58,15 @@ class ErrorBody(BaseModel):
 
     request_id: str
     errors: list[ErrorItem] = Field(min_length=1)
+
+
+Answer = TypeVar("Answer", bound=web.StreamResponse)
+
+
+def retry_later(response: Answer) -> Answer:
+    """`response` (a 503 for the database) with how long to wait before trying again."""
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 class ApiError(Exception):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from service.api.errors import RETRY_AFTER_S
+from service.api.errors import retry_later
 from service.api.keys import ENGINE, METRICS
 from service.api.metrics_access import refusal
 from service.api.operations import Answer, json_answer, operation
@@ -71,7 +71,7 @@ async def readyz(request: web.Request) -> web.Response:
                 pause = await current_pause(conn)
     except Exception as error:  # any failure to reach the database means not ready
         body = {"status": "unavailable", "checks": {"database": f"{type(error).__name__}"}}
-        return web.json_response(body, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return retry_later(web.json_response(body, status=503))
     dispatch: dict[str, object] = {"paused": pause is not None}
     if pause is not None:
         dispatch |= {"kind": pause.kind, "until": pause.until.isoformat(), "reason": pause.reason}

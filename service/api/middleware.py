@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.api.errors import RETRY_AFTER_S, ApiError, ErrorDetail, http_error_detail
+from service.api.errors import ApiError, ErrorDetail, http_error_detail, retry_later
 from service.api.keys import METRICS
 from service.db.errors import is_unavailable
 
@@ -64,13 +64,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if is_unavailable(error):
             # The error's type only: its text quotes the statement, and may quote its values.
             log.warning("api.database_unavailable", path=request.path, error=type(error).__name__)
-            detail = ErrorDetail("system", "database_unavailable", "the database is unavailable")
-            response = error_response(request, 503, detail)
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-            return response
+            return unavailable_response(request)
         log.exception("api.unhandled_error", path=request.path, method=request.method)
         detail = ErrorDetail("system", "unspecified", "internal error")
         return error_response(request, 500, detail)
+
+
+def unavailable_response(request: web.Request) -> web.Response:
+    """503 for a database that is down, saturated or silent: callers come back later."""
+    detail = ErrorDetail("system", "database_unavailable", "the database is unavailable")
+    return retry_later(error_response(request, 503, detail))
 
 
 def error_response(request: web.Request, status: int, *details: ErrorDetail) -> web.Response:

@@ -41,10 +41,10 @@ async def verify_pasted(conn: AsyncConnection, pasted: str) -> Holder | None:
     presented = read_token(f"Bearer {pasted.strip()}")
     if presented is None:
         return None
-    row = await find_token(conn, presented.token_id)
-    if row is None or not presented.matches(bytes(row["secret_sha256"])):
+    found = await find_token(conn, presented.token_id)
+    if found is None or not presented.matches(found.secret_sha256):
         return None
-    return holder_of(row["token_id"], row["client"], row["scopes"])
+    return holder_of(found.token_id, found.client, found.scopes)
 
 
 def holder_of(token_id: str, client: str, scopes: Iterable[str]) -> Holder | None:

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from service.api.errors import RETRY_AFTER_S
+from service.api.errors import retry_later
 from service.api.keys import ENGINE
 from service.dashboard.access import Viewer, holder_of
 from service.dashboard.forms import read_form
@@ -67,9 +67,9 @@ async def error_pages(request: web.Request, handler: Handler) -> web.StreamRespo
         if not is_unavailable(error):
             raise
         log.warning("dashboard.database_unavailable", path=request.path, error=type(error).__name__)
-        response = _error_page(request, 503, "The database is unavailable; try again shortly.")
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
+        return retry_later(
+            _error_page(request, 503, "The database is unavailable; try again shortly.")
+        )
 
 
 def _error_page(request: web.Request, status: int, message: str) -> web.Response:

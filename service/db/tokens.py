@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -9,7 +10,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.tables import api_tokens
-from service.domain.access import IssuedToken, Scope, issue_token
+from service.domain.access import IssuedToken, Scope, issue_token, known_scopes
 
 LISTED = (
     api_tokens.c.token_id,
@@ -33,12 +34,26 @@ async def create_token(conn: AsyncConnection, client: str, scopes: Sequence[Scop
     return issued
 
 
-async def find_token(conn: AsyncConnection, token_id: str) -> RowMapping | None:
-    """A live (unrevoked) token by id, with its secret's hash."""
+@dataclasses.dataclass(frozen=True)
+class LiveToken:
+    """An unrevoked token: its client, the scopes this service knows, its secret's hash."""
+
+    token_id: str
+    client: str
+    scopes: frozenset[Scope]
+    secret_sha256: bytes = dataclasses.field(repr=False)
+
+
+async def find_token(conn: AsyncConnection, token_id: str) -> LiveToken | None:
+    """A live (unrevoked) token by id; whether a presented secret matches is the caller's."""
     query = sa.select(api_tokens).where(
         api_tokens.c.token_id == token_id, api_tokens.c.revoked_at.is_(None)
     )
-    return (await conn.execute(query)).mappings().first()
+    row = (await conn.execute(query)).mappings().first()
+    if row is None:
+        return None
+    scopes = known_scopes(row["scopes"])
+    return LiveToken(row["token_id"], row["client"], scopes, bytes(row["secret_sha256"]))
 
 
 async def list_tokens(conn: AsyncConnection) -> list[RowMapping]:

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable
 
 TOKEN_PREFIX = "tt"  # noqa: S105 - the marker that starts every token, not a secret
 MAX_AUTHORIZATION_CHARS = 256
@@ -48,6 +49,12 @@ class PresentedToken:
 
     def matches(self, secret_sha256: bytes) -> bool:
         return hmac.compare_digest(_digest(self.secret), secret_sha256)
+
+
+def known_scopes(values: Iterable[str]) -> frozenset[Scope]:
+    """The scopes among `values` that this service knows (a newer one's are ignored)."""
+    known = {scope.value for scope in Scope}
+    return frozenset(Scope(value) for value in values if value in known)
 
 
 def issue_token() -> IssuedToken:

@@ -188,6 +188,10 @@ def json_depth_exceeds(raw: bytes, limit: int) -> bool:
     stack. Brackets inside strings are text. Text that is not JSON is measured by its
     brackets all the same; the parser refuses it afterwards.
     """
+    if raw.count(b"{") + raw.count(b"[") <= limit:
+        # No deeper than its opening brackets: a delivery of a few dozen events is told so in
+        # about a microsecond, where the scan below costs four times the parse (measured).
+        return False
     brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     depth = 0
     for bracket in brackets:
