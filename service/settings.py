@@ -339,6 +339,17 @@ class Settings(FromEnvironment):
         "tracking history is dropped this long after its subscription was created (a month's "
         "partition at a time); not shorter than the above",
     )
+    change_retention_days: PositiveInt = setting(
+        30, "the change feed keeps each change this long; an older cursor is told it expired"
+    )
+    stale_after_hours: PositiveFloat = setting(
+        72.0,
+        "an active package not delivered with no carrier news this long is `tracking.stale` "
+        "in the change feed, once per silence",
+    )
+    change_stream_heartbeat_s: PositiveFloat = setting(
+        15.0, "an idle change stream (SSE) sends a comment this often, to keep proxies open"
+    )
 
     @model_validator(mode="after")
     def _rules_between_settings(self) -> Self:

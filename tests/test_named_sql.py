@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from service.db import deliveries
+from service.db import changes, deliveries
 from service.db.driver import named_sql, named_statements
 from service.db.tables import (
     LIVE,
@@ -22,6 +22,7 @@ from service.db.tables import (
     WATCHED_SQL,
     tracking_events,
 )
+from service.domain.changes import ChangeType
 from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import TrackEvent
@@ -37,6 +38,7 @@ def _one_line(sql: str) -> str:
 
 # The file's SQL, its comments left out.
 DELIVERIES = _one_line(re.sub(r"--[^\n]*", "", _file("deliveries.sql")))
+CHANGES = _one_line(re.sub(r"--[^\n]*", "", _file("changes.sql")))
 
 
 def test_statements_are_named_and_parts_included_at_their_indentation() -> None:
@@ -103,8 +105,9 @@ def test_the_statements_of_deliveries_are_those_it_runs() -> None:
     assert statements["write_filings"].names == (
         "statuses",
         "events",
+        "candidates",
         "rearm_delay_s",
-        "changes",
+        "history",
         "deliveries",
         "bodies",
     )
@@ -159,3 +162,21 @@ def test_events_are_written_with_every_field_of_an_event_as_its_column_type() ->
     columns = ", ".join(f"{field} {pg_type(tracking_events.c[field])}" for field in fields)
     assert f"event_key, delivery_id, {', '.join(fields)})" in DELIVERIES
     assert f"delivery_id bigint, {columns})" in DELIVERIES
+
+
+def test_the_statements_of_changes_are_those_it_runs() -> None:
+    assert named_statements("changes.sql") == {"note": changes._NOTE}
+
+
+@pytest.mark.parametrize("text", [DELIVERIES, CHANGES], ids=["deliveries", "changes"])
+def test_every_change_type_spelled_is_one(text: str) -> None:
+    spelled = set(re.findall(r"'(\w+\.\w+)'", text))
+    assert spelled
+    assert spelled <= set(ChangeType)
+
+
+def test_a_noted_change_shows_an_event_as_filing_does_every_field_of_it() -> None:
+    left_out = re.search(r"to_jsonb\(e\) - ARRAY\[([^]]*)\]", CHANGES)
+    assert left_out is not None
+    not_event = {name.strip(" '") for name in left_out[1].split(",")}
+    assert {c.name for c in tracking_events.c} - not_event == set(TrackEvent._fields)

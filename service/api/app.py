@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.api import health, openapi, ops, subscriptions
+from service.api import changes, health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import (
     DELIVERY_COMMITS,
@@ -24,10 +24,16 @@ from service.api.keys import (
     VERIFIER,
 )
 from service.api.metrics_access import SCRAPE_ACCESS, ScrapeAccess
-from service.api.middleware import json_errors, request_context, request_metrics
+from service.api.middleware import (
+    echo_request_id,
+    json_errors,
+    request_context,
+    request_metrics,
+)
 from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
 from service.dashboard.keys import DashboardOptions
+from service.db import changes as change_feed
 from service.db import partitions
 from service.db import subscriptions as queries
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
@@ -44,11 +50,13 @@ log = structlog.get_logger(__name__)
 
 PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 PARTITION_MAINTENANCE_START_S = 10.0
+PRUNE_BATCH = 5000
 
 # The API. Each handler declares its operation (`@operation`, service/api/operations.py), and
 # GET /v1/openapi.json documents every one the app serves.
 API_ROUTES = (
     subscriptions.routes,
+    changes.routes,
     ops.routes,
     receiver.routes,
     replay.routes,
@@ -69,6 +77,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKENS] = {}
     app[SUMMARY] = {}
     app.on_cleanup.append(stop_recounting)
+    app.on_response_prepare.append(echo_request_id)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_webhook_keys)
     app.cleanup_ctx.append(refusal_ledger)
@@ -117,12 +126,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _partition_maintenance(app: web.Application) -> AsyncIterator[None]:
-    """Partitions are created ahead and dropped past retention: once before the app serves
+    """Partitions are created ahead and dropped past retention, and the change feed is pruned
+    (`_prune_changes`): once before the app serves
     (so a new database is ready at once), then every PARTITION_MAINTENANCE_INTERVAL_S. An
     unreachable database delays the start by at most PARTITION_MAINTENANCE_START_S."""
     try:
         async with asyncio.timeout(PARTITION_MAINTENANCE_START_S):
-            await _maintain_partitions(app)
+            await _maintain(app)
     except TimeoutError:
         log.warning("partitions.maintenance_deferred", timeout_s=PARTITION_MAINTENANCE_START_S)
     task = asyncio.create_task(_maintain_partitions_forever(app))
@@ -135,7 +145,12 @@ async def _partition_maintenance(app: web.Application) -> AsyncIterator[None]:
 async def _maintain_partitions_forever(app: web.Application) -> None:
     while True:
         await asyncio.sleep(PARTITION_MAINTENANCE_INTERVAL_S)
-        await _maintain_partitions(app)
+        await _maintain(app)
+
+
+async def _maintain(app: web.Application) -> None:
+    await _maintain_partitions(app)
+    await _prune_changes(app)
 
 
 async def _maintain_partitions(app: web.Application) -> None:
@@ -154,6 +169,24 @@ async def _maintain_partitions(app: web.Application) -> None:
         return
     if done.created or done.dropped or done.purged:
         log.info("partitions.maintained", **done.as_json())
+
+
+async def _prune_changes(app: web.Application) -> None:
+    """The change feed past CHANGE_RETENTION_DAYS, deleted in small transactions: a long one
+    would hold every feed reader back for as long as it ran."""
+    keep_days, deleted = app[SETTINGS].change_retention_days, 0
+    try:
+        while True:
+            async with app[ENGINE].begin() as conn:
+                batch = await change_feed.prune(conn, keep_days=keep_days, batch=PRUNE_BATCH)
+            deleted += batch
+            if batch < PRUNE_BATCH:
+                break
+    except Exception:
+        log.exception("changes.prune_failed", deleted=deleted)
+        return
+    if deleted:
+        log.info("changes.pruned", deleted=deleted)
 
 
 async def _group_commits(app: web.Application) -> AsyncIterator[None]:

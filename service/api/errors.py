@@ -103,6 +103,10 @@ class Conflict(ApiError):
     status = 409
 
 
+class Gone(ApiError):
+    status = 410
+
+
 def http_error_detail(status: int, reason: str) -> ErrorDetail:
     """aiohttp's own HTTP errors (no route, wrong method, body too large) in our shape."""
     codes = {

@@ -26,14 +26,20 @@ def request_id_of(request: web.Request) -> str:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Take the caller's X-Request-ID (or make one), log with it, and echo it back."""
+    """Take the caller's X-Request-ID (or make one) and log with it; `echo_request_id`
+    answers with it."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else None
     request[REQUEST_ID] = request_id or str(uuid.uuid4())
     with structlog.contextvars.bound_contextvars(request_id=request[REQUEST_ID]):
-        response = await handler(request)
-    response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
-    return response
+        return await handler(request)
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """The request's id on its answer, set as the answer's headers are sent: a stream sends
+    them before its handler returns."""
+    if REQUEST_ID in request:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
 
 @web.middleware

@@ -136,6 +136,7 @@ ERROR_DESCRIPTIONS = {
     403: "The token lacks the scope",
     404: "No such resource",
     409: "Not allowed in the resource's current state",
+    410: "The cursor is older than what is kept: start again without it",
     413: "The body is too large",
     415: "The body is not `application/json`",
     422: "A field is invalid: one error per field",

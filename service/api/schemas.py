@@ -23,6 +23,7 @@ from service.api.errors import (
 )
 from service.api.operations import Param
 from service.db.subscriptions import Cursor, NewSubscription
+from service.domain.changes import ChangeType
 from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import Operation, OutcomeKind, SubscriptionState
 
@@ -126,7 +127,9 @@ class SubscriptionPage(BaseModel):
     next_cursor: str | None
 
 
-class EventOut(BaseModel):
+class TrackEventOut(BaseModel):
+    """A carrier's event, as the carrier told it."""
+
     occurred_at: datetime | None
     carrier_occurred_at: str | None
     status_code: str | None
@@ -143,6 +146,9 @@ class EventOut(BaseModel):
     signer: str | None
     latitude: float | None
     longitude: float | None
+
+
+class EventOut(TrackEventOut):
     received_at: datetime
 
 
@@ -178,6 +184,43 @@ class AttemptOut(BaseModel):
 
 class AttemptList(BaseModel):
     items: list[AttemptOut]
+
+
+class ChangeData(SubscriptionOut):
+    """The subscription as `GET /v1/subscriptions/{id}` showed it right after the change."""
+
+    previous_status_code: str | None = Field(description="the status before the change")
+    newest_event: TrackEventOut | None = Field(
+        description="the newest event the change reports: a delivery's, or the subscription's"
+    )
+
+
+class ChangeOut(BaseModel):
+    id: str = Field(description="unique and stable: the same change has the same id everywhere")
+    type: ChangeType
+    subscription_id: uuid.UUID
+    sequence: int = Field(description="per subscription: 1, 2, 3, ... in the order made")
+    occurred_at: datetime = Field(description="when this service made the change")
+    data: ChangeData
+
+
+class ChangePage(BaseModel):
+    items: list[ChangeOut] = Field(description="in commit order")
+    next_cursor: str = Field(
+        description="always set: pass it back as `after` to go on exactly where this page ended"
+    )
+
+
+class ChangesQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: str | None = Field(
+        default=None, description="a cursor this feed gave; absent: from the oldest change kept"
+    )
+    limit: int = Field(default=100, ge=1, le=1000)
+    type: list[ChangeType] | None = Field(default=None, description="repeatable: any of these")
+    subscription_id: uuid.UUID | None = None
+    created_by: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
 
 
 class ListQuery(BaseModel):

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service import json_exact
 from service.db.driver import bytea_text, driver_connection, json_rows, named_statements
 from service.db.tables import ORIGINAL, webhook_deliveries, webhook_refusal_counts
+from service.domain.changes import filing_change, may_change
 from service.domain.deliveries import DeliveryOutcome
 from service.domain.tracking import (
     Filing,
@@ -187,7 +188,8 @@ class _Writes:
         default_factory=dict
     )
     shown: dict[uuid.UUID, PackageStatus] = dataclasses.field(default_factory=dict)
-    changes: list[_Change] = dataclasses.field(default_factory=list)
+    history: list[_Change] = dataclasses.field(default_factory=list)
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     marks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -212,7 +214,8 @@ async def _file(
             events=_event_rows(writes.events),
             statuses=_status_rows(writes.shown),
             rearm_delay_s=rearm.delay_s,
-            changes=json_rows([change._asdict() for change in writes.changes]),
+            history=json_rows([change._asdict() for change in writes.history]),
+            candidates=json_rows(writes.candidates),
             **_delivery_parameters(copies),
         )
         new_events = {row["id"]: row["events"] for row in rows if row["kind"] == "event"}
@@ -251,8 +254,13 @@ def _fold(
     before = writes.shown.get(subscription_id) or _package_status(subscription)
     filing = file_update(before, delivery.update, rearm)
     writes.shown[subscription_id] = filing.status
+    if may_change(filing):
+        candidate = _candidate(delivery, subscription_id, before, filing)
+        if candidate["type"] is not None or delivery.update.events:
+            candidate["ord"] = len(writes.candidates)
+            writes.candidates.append(candidate)
     if filing.changed:
-        writes.changes.append(
+        writes.history.append(
             _Change(
                 subscription_id,
                 before.status_code,
@@ -267,6 +275,32 @@ def _fold(
     ):
         writes.marks.append(_mark(delivery.delivery_id, DeliveryOutcome.FILED, subscription_id))
     return delivery.delivery_id, subscription_id, filing
+
+
+def _candidate(
+    delivery: Stored, subscription_id: uuid.UUID, before: PackageStatus, filing: Filing
+) -> dict[str, Any]:
+    """The change a delivery makes (`candidates` in `write_filings`): its type if it changed
+    the status or the eta (else it is one only if it stored new events), and what the
+    subscription shows after it; its newest event is the one it reports."""
+    status = filing.status
+    dated = [event for event in delivery.update.events if event.occurred_at is not None]
+    newest = max(dated, key=lambda event: event.occurred_at or _NEVER, default=None)
+    return {
+        "subscription_id": subscription_id,
+        "delivery_id": delivery.delivery_id,
+        "type": filing_change(before, filing),
+        "previous_status_code": before.status_code,
+        "status_code": status.status_code,
+        "status_description": status.status_description,
+        "estimated_delivery_date": status.estimated_delivery_date,
+        "actual_delivery_date": status.actual_delivery_date,
+        "last_event_at": status.last_event_at,
+        "newest_event": newest._asdict() if newest is not None else None,
+    }
+
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 def _match(live: _Live, update: TrackingUpdate) -> asyncpg.Record | None:

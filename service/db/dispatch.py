@@ -21,7 +21,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.db import changes
 from service.db.tables import dispatch_attempts, dispatch_control, subscriptions
+from service.domain.changes import ChangeType, lifecycle_change
 from service.domain.subscriptions import (
     Budget,
     CallOutcome,
@@ -245,7 +247,8 @@ async def record_outcomes(
 
     The rows are locked (in id order, so concurrent batches cannot deadlock) while their
     current state is read, so a cancel committed during a call is seen and honoured. Every
-    call is kept in `dispatch_attempts`, applied or not.
+    call is kept in `dispatch_attempts`, applied or not. A state entered that callers are told
+    of (`lifecycle_change`) is a change in the feed, made in this same transaction.
     """
     ids = sorted({result.claim.subscription_id for result in results})
     locked = (
@@ -259,6 +262,7 @@ async def record_outcomes(
     current = {(row.id, row.claim_token): SubscriptionState(row.state) for row in locked}
     moves: list[Transition | None] = []
     updates: list[dict[str, Any]] = []
+    notes: list[tuple[uuid.UUID, ChangeType]] = []
     for result in results:
         claim = result.claim
         state_now = current.get((claim.subscription_id, claim.claim_token))
@@ -276,8 +280,11 @@ async def record_outcomes(
         )
         moves.append(moved)
         updates.append(_row_update(claim, moved))
+        if (change := lifecycle_change(state_now, moved.state)) is not None:
+            notes.append((claim.subscription_id, change))
     if updates:
         await conn.execute(_APPLY, updates)
+    await changes.note(conn, notes)
     await conn.execute(
         sa.insert(dispatch_attempts),
         [_attempt_row(result, move is None) for result, move in zip(results, moves, strict=True)],

@@ -30,7 +30,16 @@ PUBLIC_COLUMNS = tuple(
     column
     for column in subscriptions.c
     if column.name
-    not in ("attempts", "next_attempt_at", "claim_token", "rearms", "last_polled_at", "done_at")
+    not in (
+        "attempts",
+        "next_attempt_at",
+        "claim_token",
+        "rearms",
+        "last_polled_at",
+        "done_at",
+        "change_sequence",
+        "stale_noted_at",
+    )
 )
 
 

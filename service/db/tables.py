@@ -9,6 +9,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from service.domain.changes import ChangeType
 from service.domain.deliveries import ORIGINAL_OUTCOMES, DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import EVENT_FIELD_TYPES
@@ -57,6 +58,19 @@ def _created_at() -> sa.Column[object]:
     )
 
 
+def _shown() -> list[sa.Column[object]]:
+    """What a subscription shows that changes: kept by it, and by each change as of then."""
+    return [
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("status_code", sa.Text),
+        sa.Column("status_description", sa.Text),
+        _timestamp("estimated_delivery_date"),
+        _timestamp("actual_delivery_date"),
+        _timestamp("last_event_at"),
+        sa.Column("last_error", pg.JSONB(none_as_null=True)),
+    ]
+
+
 # A call is always due in pending and stopping, never in failed and stopped; in active only to
 # restart tracking after an EX.
 DUE_WORK = (
@@ -75,13 +89,7 @@ subscriptions = sa.Table(
     sa.Column("carrier_id", sa.Text),
     sa.Column("reference", sa.Text),
     sa.Column("metadata", pg.JSONB(none_as_null=True)),
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("status_code", sa.Text),
-    sa.Column("status_description", sa.Text),
-    _timestamp("estimated_delivery_date"),
-    _timestamp("actual_delivery_date"),
-    _timestamp("last_event_at"),
-    sa.Column("last_error", pg.JSONB(none_as_null=True)),
+    *_shown(),
     # The API client whose token created it.
     sa.Column("created_by", sa.Text),
     # Dispatch bookkeeping. `next_attempt_at` is when the row's pending ShipEngine call is due
@@ -98,6 +106,10 @@ subscriptions = sa.Table(
     _timestamp("last_polled_at"),
     _timestamp("next_attempt_at"),
     sa.Column("claim_token", pg.UUID(as_uuid=True)),
+    # The change feed: the sequence of the subscription's latest change (its first is 1), and
+    # when its silence was last reported (`tracking.stale`, once per silence).
+    sa.Column("change_sequence", sa.Integer, nullable=False, server_default=sa.text("0")),
+    _timestamp("stale_noted_at"),
     _created_at(),
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
@@ -349,3 +361,45 @@ dashboard_sessions = sa.Table(
 )
 sa.Index("ix_dashboard_sessions_token_id", dashboard_sessions.c.token_id)
 sa.Index("ix_dashboard_sessions_expires_at", dashboard_sessions.c.expires_at)
+
+# The change feed (`service/db/changes.py`): what each change left its subscription showing
+# (the rest of a subscription never changes), in the order the changes committed. No foreign
+# key: subscriptions are never deleted, and its check would cost filing a lookup per change.
+changes = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    # The writing transaction's id: the feed's order (`changes.py` says why).
+    sa.Column(
+        "txid",
+        sa.BigInteger,
+        nullable=False,
+        server_default=sa.text("CAST(CAST(pg_current_xact_id() AS text) AS bigint)"),
+    ),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("subscription_id", pg.UUID(as_uuid=True), nullable=False),
+    sa.Column("sequence", sa.Integer, nullable=False),
+    sa.Column(
+        "occurred_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    *_shown(),
+    sa.Column("previous_status_code", sa.Text),
+    sa.Column("newest_event", pg.JSONB(none_as_null=True)),
+    sa.CheckConstraint(f"type IN ({_quoted(ChangeType)})", name="type"),
+)
+sa.Index("ix_changes_position", changes.c.txid, changes.c.id, unique=True)
+sa.Index(
+    "uq_changes_subscription_sequence", changes.c.subscription_id, changes.c.sequence, unique=True
+)
+# Retention deletes by age: a BRIN index is tiny, and rows arrive in about that order.
+sa.Index("ix_changes_occurred_at", changes.c.occurred_at, postgresql_using="brin")
+
+# One row: the position of the newest change retention deleted (0, 0: none yet).
+changes_pruned = sa.Table(
+    "changes_pruned",
+    metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True, server_default=sa.text("1")),
+    sa.Column("txid", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("change_id", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.CheckConstraint("id = 1", name="single_row"),
+)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import reconcile
+from service.db import changes, reconcile
 from service.db.deliveries import Incoming, store_and_file
 from service.db.dispatch import DEFAULT_RETRY_AFTER_S, pause
 from service.domain.subscriptions import Budget, Operation, OutcomeKind
@@ -27,6 +28,9 @@ from service.metrics import Metrics
 from service.shipengine.client import ShipEngineClient
 
 log = structlog.get_logger(__name__)
+
+# Silent packages reported to the change feed at most per round; the next round takes the rest.
+STALE_BATCH = 1000
 
 
 class Reconciler:
@@ -42,6 +46,8 @@ class Reconciler:
         batch: int,
         rearm: RearmPolicy,
         metrics: Metrics,
+        stale_after_s: float,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._engine = engine
         self._client = client
@@ -52,6 +58,8 @@ class Reconciler:
         self._batch = batch
         self._rearm = rearm
         self._metrics = metrics
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._clock = clock  # None: the database's clock; tests move their own
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -68,14 +76,21 @@ class Reconciler:
         self._stopping.set()
 
     async def run_once(self) -> int:
-        """One round: mark what is done, poll what is silent; returns how many were polled."""
+        """One round: mark what is done, report what fell silent to the change feed, poll what
+        is silent; returns how many were polled."""
+        now = self._clock() if self._clock is not None else None
         async with self._engine.begin() as conn:
             done = await reconcile.mark_done(conn, self._done_after_s)
+            stale = await changes.note_stale(
+                conn, silent_for=self._stale_after, limit=STALE_BATCH, now=now
+            )
             watched = await reconcile.claim_silent(
                 conn, limit=self._batch, silence_s=self._silence_s, budget=self._budget
             )
         if done:
             log.info("reconcile.done", subscriptions=done)
+        if stale:
+            log.info("reconcile.stale", subscriptions=stale)
         await asyncio.gather(*(self._poll(package) for package in watched))
         return len(watched)
 

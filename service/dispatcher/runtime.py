@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 
 import aiohttp
 import structlog
@@ -74,6 +75,7 @@ def build_reconciler(
     session: aiohttp.ClientSession,
     metrics: Metrics | None = None,
     silence_s: Mapping[str | None, float] = SILENCE_BEFORE_POLL_S,
+    clock: Callable[[], datetime] | None = None,
 ) -> Reconciler:
     return Reconciler(
         engine,
@@ -85,6 +87,8 @@ def build_reconciler(
         batch=settings.reconcile_batch,
         rearm=settings.rearm_policy,
         metrics=metrics or Metrics(),
+        stale_after_s=settings.stale_after_hours * 3600,
+        clock=clock,
     )
 
 

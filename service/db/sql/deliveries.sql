@@ -114,10 +114,11 @@ WHERE d.id = ANY(ARRAY(SELECT id FROM marks)) AND d.id = v.id
 -- name: write_filings
 -- Everything a batch writes once its subscriptions are locked, in one statement (each round
 -- trip cost the receiver more CPU than its rows did): the events the subscriptions lack, what
--- each shows now, its status changes, and the copies, kept as duplicates of what their
--- originals were filed against: this week's original, the one their insert ran into (an
--- earlier week may hold another). The sub-statements touch different rows, so seeing the
--- same snapshot changes nothing; the copies' originals were inserted by an earlier statement.
+-- each shows now, its status history, its changes for the feed, and the copies, kept as
+-- duplicates of what their originals were filed against: this week's original, the one their
+-- insert ran into (an earlier week may hold another). The sub-statements touch different rows,
+-- so seeing the same snapshot changes nothing; the copies' originals were inserted by an
+-- earlier statement.
 WITH shown AS (
     SELECT * FROM json_to_recordset(CAST(:statuses AS json)) AS v(
         id uuid, status_code text, status_description text,
@@ -138,6 +139,21 @@ WITH shown AS (
         signer text, latitude float8, longitude float8)
     ON CONFLICT (subscription_id, event_key, subscription_created_at) DO NOTHING
     RETURNING delivery_id
+), candidates AS (
+    -- A change each delivery may make (`_Candidate`), in the batch's order: of the type
+    -- given, or, given none, `tracking.events_added` if the delivery stored new events.
+    SELECT * FROM json_to_recordset(CAST(:candidates AS json)) AS v(
+        ord integer, subscription_id uuid, delivery_id bigint, type text,
+        previous_status_code text, status_code text, status_description text,
+        estimated_delivery_date timestamptz, actual_delivery_date timestamptz,
+        last_event_at timestamptz, newest_event jsonb)
+), made AS (
+    SELECT c.*, coalesce(c.type, 'tracking.events_added') AS made_type,
+           row_number() OVER (PARTITION BY c.subscription_id ORDER BY c.ord) AS nth,
+           count(*) OVER (PARTITION BY c.subscription_id) AS made
+    FROM candidates AS c
+    WHERE c.type IS NOT NULL
+       OR c.delivery_id = ANY(ARRAY(SELECT delivery_id FROM new_events))
 ), statuses AS (
     UPDATE subscriptions AS s
     SET status_code = v.status_code,
@@ -152,15 +168,30 @@ WITH shown AS (
             THEN now() + make_interval(secs => CAST(:rearm_delay_s AS float8))
             ELSE s.next_attempt_at END,
         last_heard_at = now(),
-        updated_at = now()
+        updated_at = now(),
+        change_sequence = s.change_sequence
+            + coalesce((SELECT max(m.made) FROM made AS m WHERE m.subscription_id = s.id), 0)
     FROM shown AS v
     WHERE s.id = ANY(ARRAY(SELECT id FROM shown)) AND s.id = v.id
-), changes AS (
+    RETURNING s.id, s.change_sequence, s.state, s.last_error
+), history AS (
     INSERT INTO status_changes
         (subscription_id, previous_status_code, status_code, occurred_at, delivery_id)
-    SELECT * FROM json_to_recordset(CAST(:changes AS json)) AS v(
+    SELECT * FROM json_to_recordset(CAST(:history AS json)) AS v(
         subscription_id uuid, previous_status_code text, status_code text,
         occurred_at timestamptz, delivery_id bigint)
+), feed AS (
+    -- Each subscription's changes numbered on from its last, in the batch's order.
+    INSERT INTO changes
+        (type, subscription_id, sequence, state, status_code, status_description,
+         estimated_delivery_date, actual_delivery_date, last_event_at, last_error,
+         previous_status_code, newest_event)
+    SELECT m.made_type, m.subscription_id, u.change_sequence - m.made + m.nth, u.state,
+           m.status_code, m.status_description, m.estimated_delivery_date,
+           m.actual_delivery_date, m.last_event_at, u.last_error, m.previous_status_code,
+           m.newest_event
+    FROM made AS m JOIN statuses AS u ON u.id = m.subscription_id
+    ORDER BY m.ord
 ), copies AS (
     INSERT INTO webhook_deliveries ({delivery_columns}, subscription_id)
     SELECT {delivery_values}, 'duplicate',
