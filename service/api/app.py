@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.api import changes, health, openapi, ops, subscriptions
+from service.api import change_stream, changes, health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import (
     DELIVERY_COMMITS,
@@ -57,6 +57,7 @@ PRUNE_BATCH = 5000
 API_ROUTES = (
     subscriptions.routes,
     changes.routes,
+    change_stream.routes,
     ops.routes,
     receiver.routes,
     replay.routes,
@@ -78,7 +79,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SUMMARY] = {}
     app.on_cleanup.append(stop_recounting)
     app.on_response_prepare.append(echo_request_id)
+    app.on_shutdown.append(change_stream.end_streams)
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(change_stream.broadcasting)
     app.cleanup_ctx.append(_webhook_keys)
     app.cleanup_ctx.append(refusal_ledger)
     app.cleanup_ctx.append(_group_commits)
