@@ -57,6 +57,8 @@ RECHECK_MAX_S = 0.25
 RECONNECT_S = 2.0
 # EventSource reconnects after this long (its default is about 3 s).
 RETRY_MS = 2000
+# How ops tell the broadcaster's connection in pg_stat_activity.
+LISTENER_NAME = "tracking-changes-listener"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +187,17 @@ class Broadcaster:
         if self._listener is not None and not self._listener.is_closed():
             return True
         try:
-            self._listener = await asyncpg.connect(asyncpg_dsn(self._database_url), timeout=5)
+            self._listener = await asyncpg.connect(
+                asyncpg_dsn(self._database_url),
+                timeout=5,
+                server_settings={"application_name": LISTENER_NAME},
+            )
             await self._listener.add_listener(CHANGES_CHANNEL, self._notified)
             self._listener.add_termination_listener(self._listener_lost)
+            # What committed before we listened notified nobody; if an older transaction
+            # still hides it, look again until the horizon passes everything begun so far.
+            begun: int = await self._listener.fetchval(_NEXT_TXID)
+            self._told_txid = max(self._told_txid, begun - 1)
         except (OSError, TimeoutError, asyncpg.PostgresError) as error:
             log.warning("changes.listen_unavailable", error=type(error).__name__)
             await self._close_listener()
@@ -209,6 +219,8 @@ class Broadcaster:
                 await self._listener.close()
             self._listener = None
 
+
+_NEXT_TXID = "SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)"
 
 BROADCASTER = web.AppKey("change_broadcaster", Broadcaster)
 
