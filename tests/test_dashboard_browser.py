@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.dispatcher.worker import Dispatcher
 from tests.conftest import RunningSimulator
+from tests.payloads import track_body
+from tests.test_dashboard_changes import listening
+from tests.webhook_sender import WebhookSender
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -119,3 +123,31 @@ async def test_ops_find_a_failed_subscription_retry_it_and_watch_it_start(
     await expect(page).to_have_url(re.compile(r"/dashboard/login$"))
     await page.goto(str(api.make_url("/dashboard")))
     await expect(page.get_by_label("API token")).to_be_visible()
+
+
+async def test_a_change_appears_live_on_the_changes_page(
+    api: Client,
+    token: str,
+    hooks: WebhookSender,
+    engine: AsyncEngine,
+    page: Page,
+    screenshots: Callable[[Page, str], object],
+) -> None:
+    number = "9405511899223197428493"
+    await page.goto(str(api.make_url("/dashboard/login")))
+    await page.get_by_label("API token").fill(token)
+    await page.get_by_role("button", name="Log in").click()
+    await page.get_by_role("link", name="Changes", exact=True).click()
+    rows = page.locator("#changes tbody tr")
+    await expect(rows).to_have_text(["No changes yet."])
+    await expect(page.locator("#live")).to_have_text("Live.")
+    await listening(engine)  # the page's stream started the broadcaster: it hears the change
+
+    await subscribe(api, number)
+    await hooks.deliver(track_body(number, "stamps_com", 2))
+    await expect(rows).to_have_count(1)
+    await expect(rows.first).to_contain_text("tracking.status_changed")
+    await expect(rows.first).to_contain_text("Departed facility")
+    await screenshots(page, "changes")
+    await rows.first.get_by_role("link", name=number).click()
+    await expect(page.locator("#state")).to_be_visible()

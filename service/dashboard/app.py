@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service.dashboard import actions, login, pages
+from service.dashboard import actions, changes, login, pages
 from service.dashboard.guard import (
     error_pages,
     forget_shown_flash,
@@ -30,4 +30,5 @@ def create_dashboard(options: DashboardOptions | None = None) -> web.Application
     dashboard.add_routes(login.routes)
     dashboard.add_routes(pages.routes)
     dashboard.add_routes(actions.routes)
+    dashboard.add_routes(changes.routes)
     return dashboard

@@ -31,6 +31,7 @@ def _content_security_policy(nonce: str) -> str:
             "default-src 'none'",
             f"style-src 'nonce-{nonce}'",
             f"script-src 'nonce-{nonce}'",
+            "connect-src 'self'",  # the changes page's EventSource
             "img-src data:",
             "form-action 'self'",
             "frame-ancestors 'none'",

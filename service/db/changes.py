@@ -131,6 +131,27 @@ async def read(
     return FeedPage(rows, max(start, edge(horizon)), horizon, at_edge=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Newest:
+    changes: list[RowMapping]  # as `read`'s, but newest first
+    edge: Position  # after every change shown: where a reader of what follows them starts
+
+
+async def newest(conn: AsyncConnection, limit: int) -> Newest:
+    """The `limit` newest changes visible below the horizon (as `read` sees them), newest
+    first, and the edge they were read at: a reader going on from `edge` sees every later
+    change exactly once. `conn` must be in a `snapshot`."""
+    horizon, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    query = (
+        sa.select(changes, *IMMUTABLE)
+        .join_from(changes, subscriptions, subscriptions.c.id == changes.c.subscription_id)
+        .where(changes.c.txid < horizon)
+        .order_by(changes.c.txid.desc(), changes.c.id.desc())
+        .limit(limit)
+    )
+    return Newest(list((await conn.execute(query)).mappings()), edge(horizon))
+
+
 def edge(horizon: int) -> Position:
     """The position after every change visible below `horizon`: every change to come has a
     txid at or above it."""
