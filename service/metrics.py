@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.db.changes import held_back_s
 from service.db.dispatch import backlog, current_pause
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -122,6 +123,17 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.change_feed_held_back_seconds = Gauge(
+            "tracking_change_feed_held_back_seconds",
+            "How long the oldest writing transaction on the database server has run: the "
+            "change feed shows no change committed after it began until it ends.",
+            registry=registry,
+        )
+        self.change_stream_readers = Gauge(
+            "tracking_change_stream_readers",
+            "Change streams (Server-Sent Events) this process serves now.",
+            registry=registry,
+        )
 
     async def refresh_shared(self, conn: AsyncConnection) -> None:
         """Read the gauges of state every process shares from the database."""
@@ -131,6 +143,7 @@ class Metrics:
         pause = await current_pause(conn)
         for kind in ("rate_limit", "account", "manual"):
             self.dispatch_paused.labels(kind).set(1 if pause and pause.kind == kind else 0)
+        self.change_feed_held_back_seconds.set(await held_back_s(conn))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -66,3 +66,21 @@ async def test_webhooks_backlog_and_pause(
     assert samples[("tracking_dispatch_oldest_due_seconds", ())] >= 0
     assert samples[("tracking_dispatch_paused", labels(kind="rate_limit"))] == 1
     assert samples[("tracking_dispatch_paused", labels(kind="account"))] == 0
+
+
+async def test_open_change_streams_and_what_holds_the_feed_back_are_gauges(
+    api: Client, engine: AsyncEngine
+) -> None:
+    readers, held_back = "tracking_change_stream_readers", "tracking_change_feed_held_back_seconds"
+    assert (await scrape(api))[(readers, ())] == 0
+    async with engine.connect() as conn:
+        await conn.begin()
+        await conn.execute(sa.text("SELECT pg_current_xact_id(), pg_sleep(0.2)"))  # writes
+        streams = [await api.get("/v1/changes/stream") for _ in range(2)]
+        try:
+            samples = await scrape(api)
+        finally:
+            for stream in streams:
+                stream.close()
+    assert samples[(readers, ())] == 2
+    assert samples[(held_back, ())] >= 0.2

@@ -38,7 +38,7 @@ from service.api.changes import (
     query_with_lists,
     read_page,
 )
-from service.api.keys import ENGINE, SETTINGS
+from service.api.keys import ENGINE, METRICS, SETTINGS
 from service.api.operations import Answer, Param, operation
 from service.api.schemas import ChangesQuery, parse_query
 from service.api.subscriptions import READERS
@@ -227,7 +227,9 @@ BROADCASTER = web.AppKey("change_broadcaster", Broadcaster)
 
 async def broadcasting(app: web.Application) -> AsyncIterator[None]:
     """The app's broadcaster; it connects only once a stream is opened."""
-    app[BROADCASTER] = Broadcaster(app[ENGINE], app[SETTINGS].database_url)
+    broadcaster = Broadcaster(app[ENGINE], app[SETTINGS].database_url)
+    app[BROADCASTER] = broadcaster
+    app[METRICS].change_stream_readers.set_function(lambda: broadcaster.readers)
     yield
     await app[BROADCASTER].close()
 

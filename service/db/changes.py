@@ -152,6 +152,19 @@ async def newest(conn: AsyncConnection, limit: int) -> Newest:
     return Newest(list((await conn.execute(query)).mappings()), edge(horizon))
 
 
+async def held_back_s(conn: AsyncConnection) -> float:
+    """How long the oldest transaction holding the horizon back has run (0: none does): the
+    feed's readers see nothing committed since it began until it ends."""
+    seconds = await conn.scalar(_HELD_BACK)
+    return float(seconds or 0.0)
+
+
+_HELD_BACK = sa.text(
+    "SELECT extract(epoch FROM clock_timestamp() - min(xact_start)) "
+    "FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+)
+
+
 def edge(horizon: int) -> Position:
     """The position after every change visible below `horizon`: every change to come has a
     txid at or above it."""
