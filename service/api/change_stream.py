@@ -62,12 +62,25 @@ LISTENER_NAME = "tracking-changes-listener"
 
 
 @dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A change read, and its event as a stream writes it."""
+
+    row: RowMapping
+    event: bytes
+
+
+def rendered(rows: list[RowMapping]) -> list[Rendered]:
+    return [Rendered(row, _event(row)) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
 class Published:
-    """A page the broadcaster read: every change in (start, end], in commit order."""
+    """A page the broadcaster read: every change in (start, end], in commit order, each
+    rendered once for all the streams it goes to."""
 
     start: Position
     end: Position
-    rows: list[RowMapping]
+    changes: list[Rendered]
 
 
 class Reader:
@@ -104,6 +117,7 @@ class Broadcaster:
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
+        self._recheck_s = RECHECK_FIRST_S
 
     @property
     def closing(self) -> asyncio.Event:
@@ -143,7 +157,6 @@ class Broadcaster:
         await self._close_listener()
 
     async def _run(self) -> None:
-        recheck_s = RECHECK_FIRST_S
         while not self._closing.is_set():
             async with self._starting:
                 if not self._readers:
@@ -154,11 +167,11 @@ class Broadcaster:
             listening = await self._ensure_listening()
             waiting_for_horizon = self._told_txid >= self._horizon > 0
             if waiting_for_horizon:
-                timeout_s = recheck_s
-                recheck_s = min(recheck_s * 2, RECHECK_MAX_S)
+                timeout_s = self._recheck_s
+                self._recheck_s = min(self._recheck_s * 2, RECHECK_MAX_S)
             else:
                 timeout_s = FALLBACK_POLL_S if not listening else 3600.0
-                recheck_s = RECHECK_FIRST_S
+                self._recheck_s = RECHECK_FIRST_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout_s)
             self._wake.clear()
@@ -175,9 +188,9 @@ class Broadcaster:
         async with feed.snapshot(self._engine) as conn:
             while True:
                 page = await feed.read(conn, self._position, PAGE, ChangeFilter())
-                published = Published(self._position, page.next, page.changes)
+                published = Published(self._position, page.next, rendered(page.changes))
                 self._position, self._horizon = page.next, page.horizon
-                if published.rows or published.end != published.start:
+                if published.changes or published.end != published.start:
                     for reader in list(self._readers):
                         reader.offer(published)
                 if page.at_edge:
@@ -207,7 +220,11 @@ class Broadcaster:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
-            self._told_txid = max(self._told_txid, int(payload))
+            if int(payload) > self._told_txid:
+                self._told_txid = int(payload)
+                # News: a change hidden behind it is looked for soon again, not at the
+                # back-off an older one had reached.
+                self._recheck_s = RECHECK_FIRST_S
         self._wake.set()
 
     def _listener_lost(self, _conn: object) -> None:
@@ -364,7 +381,7 @@ class _Stream:
         while True:
             async with feed.snapshot(self._request.config_dict[ENGINE]) as conn:
                 page = await read_page(conn, self._cursor, PAGE, self._where)
-            await self._send(page.changes)
+            await self._send(rendered(page.changes))
             self._cursor = page.next
             if page.at_edge:
                 return
@@ -373,20 +390,20 @@ class _Stream:
         if page.end <= self._cursor:
             return
         fresh = [
-            row
-            for row in page.rows
-            if feed.position_of(row) > self._cursor and _lets_through(self._where, row)
+            change
+            for change in page.changes
+            if feed.position_of(change.row) > self._cursor
+            and _lets_through(self._where, change.row)
         ]
         await self._send(fresh)
         self._cursor = page.end
 
-    async def _send(self, rows: list[RowMapping]) -> None:
+    async def _send(self, changes: list[Rendered]) -> None:
         if self._opened is not None:
-            rows = [row for row in rows if not self._opened.committed(row["txid"])]
-        if not rows:
-            return
-        events = b"".join(_event(row) for row in rows)
-        await self._response.write(events)
+            opened = self._opened
+            changes = [change for change in changes if not opened.committed(change.row["txid"])]
+        if changes:
+            await self._response.write(b"".join(change.event for change in changes))
 
 
 async def _next_page(reader: Reader, closing: asyncio.Event, timeout_s: float) -> Published | None:
