@@ -1,7 +1,8 @@
 """`python -m bench [SUITE ...] [--quick] [--only SCENARIO ...] [--profile] [--keep-logs]`.
 
 Suites: dispatch, ingest, subscribe (POST /v1/subscriptions and /batch against one asyncpg
-INSERT a request) and queries (lists, events and the ops summary at 1,000,000 subscriptions).
+INSERT a request), queries (lists, events and the ops summary at 1,000,000 subscriptions) and
+changes (the change feed: pages, the SSE stream's lag, the outbox's cost, idle readers).
 Starts what it needs (PostgreSQL, simulator, API, dispatchers), runs the suites' scenarios,
 prints a row per scenario and a table of targets, writes JSON under bench/results/, and stops
 everything it started, also on failure, Ctrl-C, SIGTERM or when `--timeout-s` runs out.
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import dispatch, ingest, queries, subscribe
+from bench import changes, dispatch, ingest, queries, subscribe
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
@@ -32,6 +33,7 @@ SUITES: dict[str, ModuleType] = {
     "ingest": ingest,
     "subscribe": subscribe,
     "queries": queries,
+    "changes": changes,
 }
 
 

@@ -275,14 +275,17 @@ class Processes:
         env: Mapping[str, str],
         ready: Readiness | None = None,
         timeout_s: float = 30.0,
+        cwd: Path = REPOSITORY,
     ) -> ServiceProcess:
-        """Start `argv` with `env` added to ours; wait until `ready` says so (if given)."""
+        """Start `argv` with `env` added to ours, in `cwd` (where `python -m` imports from
+        first: another tree's `service` needs its folder here and as PYTHONPATH); wait until
+        `ready` says so (if given)."""
         log_path = self.log_dir / f"{name}.log"
         full_env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "LOG_LEVEL": "INFO", **env}
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *argv,
-                cwd=REPOSITORY,
+                cwd=cwd,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -297,10 +300,16 @@ class Processes:
         return started
 
     async def service(
-        self, name: str, command: str, env: Mapping[str, str], ready: Readiness
+        self,
+        name: str,
+        command: str,
+        env: Mapping[str, str],
+        ready: Readiness,
+        cwd: Path = REPOSITORY,
     ) -> ServiceProcess:
         """`python -m service COMMAND`, ready when `ready` says so."""
-        return await self.start(name, [sys.executable, "-m", "service", command], env, ready)
+        argv = [sys.executable, "-m", "service", command]
+        return await self.start(name, argv, env, ready, cwd=cwd)
 
 
 async def _until_ready(process: ServiceProcess, ready: Readiness, timeout_s: float) -> None:
@@ -408,29 +417,35 @@ async def start_dispatchers(
     )
 
 
-async def api_headers(database_url: str) -> dict[str, str]:
-    """What a caller of /v1 must send: a bearer token with every scope, issued straight into
-    the database, where the service has tokens (none before it had them)."""
+async def api_headers(
+    database_url: str, scopes: Iterable[str] | None = None, client: str = "bench"
+) -> dict[str, str]:
+    """What a caller of /v1 must send: a bearer token with `scopes` (default: every scope),
+    issued straight into the database, where the service has tokens (none before it had them)."""
     try:
         from service.db.tokens import create_token
         from service.domain.access import Scope
     except ImportError:
         return {}
+    granted = list(Scope) if scopes is None else [Scope(scope) for scope in scopes]
     engine = create_engine(database_url, pool_size=1)
     try:
         async with engine.begin() as conn:
-            issued = await create_token(conn, "bench", list(Scope))
+            issued = await create_token(conn, client, granted)
     finally:
         await engine.dispose()
     return {"Authorization": f"Bearer {issued.plaintext}"}
 
 
-async def start_api(procs: Processes, env: Mapping[str, str], name: str = "api") -> str:
-    """`python -m service api` on a free loopback port; its base URL once /healthz answers."""
+async def start_api(
+    procs: Processes, env: Mapping[str, str], name: str = "api", cwd: Path = REPOSITORY
+) -> str:
+    """`python -m service api` on a free loopback port; its base URL once /healthz answers.
+    `cwd` (and PYTHONPATH in `env`) another tree's folder to run that tree's service."""
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     api_env = {**env, "HOST": LOOPBACK, "PORT": str(port)}
-    await procs.service(name, "api", api_env, answers(f"{url}/healthz"))
+    await procs.service(name, "api", api_env, answers(f"{url}/healthz"), cwd=cwd)
     return url
 
 

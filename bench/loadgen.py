@@ -6,9 +6,11 @@ It holds ShipEngine's side of the signature: a `SigningKeys` of its own whose pu
 serves at `GET /jwks` (the API under test is started with `SHIPENGINE_JWKS_URL` pointing
 there). The harness drives it over HTTP on the same port:
 
-    POST /prepare {"load", "kind": "realistic"|"hot", ...}   build and sign a request list
+    POST /prepare {"load", "kind": "realistic"|"hot"|"distinct", ...}  build and sign a list
     POST /warmup  {"url", "concurrency", "requests", "package"}  a few uncounted requests
     POST /run     {"load", "url", "concurrency", "min_s"}    send it all, answer the figures
+    POST /paced   {"load", "url", "rate_per_s"}   send it open-loop at a fixed rate, answer
+                                                  when each request was due and answered
 
 A prepared list is fixed: every server (the receiver and both baselines) gets the same bytes in
 the same order over keep-alive connections of one aiohttp session, `concurrency` requests in
@@ -30,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bench.sending import Request, send
+from bench.sending import Request, send, send_paced
 from service.simulator.signing import SigningKeys
 
 WEBHOOK_PATH = "/v1/webhooks/shipengine"
@@ -153,6 +155,26 @@ def realistic(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     )
 
 
+def distinct(keys: SigningKeys, spec: dict[str, Any]) -> Load:
+    """Step `step` (default 1) of packages 0 .. `packages` - 1, in that order: each delivery
+    the only one of its package, so each files exactly one new state (the changes suite)."""
+    began = time.monotonic()
+    step = int(spec.get("step", 1))
+    requests = [
+        _signed(keys, track_body(tracking_number(spec["prefix"], package), step))
+        for package in range(int(spec["packages"]))
+    ]
+    return Load(
+        requests,
+        {
+            "requests": len(requests),
+            "unique": len(requests),
+            "repeats": 0,
+            "sign_s": time.monotonic() - began,
+        },
+    )
+
+
 def hot(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     """One delivery of one package, `requests` times: a burst of retries."""
     delivery = _signed(keys, track_body(spec["package"], int(spec.get("step", 1))))
@@ -173,7 +195,7 @@ class LoadGenerator:
 
     async def prepare(self, request: web.Request) -> web.Response:
         spec: dict[str, Any] = await request.json()
-        build = realistic if spec["kind"] == "realistic" else hot
+        build = {"realistic": realistic, "hot": hot, "distinct": distinct}[spec["kind"]]
         load = build(self.keys, spec)
         self.loads[spec["load"]] = load
         return web.json_response(load.facts)
@@ -193,6 +215,12 @@ class LoadGenerator:
         result = await send(spec["url"], requests, int(spec["concurrency"]), min_s=min_s)
         return web.json_response(result)
 
+    async def paced(self, request: web.Request) -> web.Response:
+        spec: dict[str, Any] = await request.json()
+        requests = self.loads[spec["load"]].requests
+        result = await send_paced(spec["url"], requests, float(spec["rate_per_s"]))
+        return web.json_response(result)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
@@ -206,6 +234,7 @@ def main() -> None:
     app.router.add_post("/prepare", generator.prepare)
     app.router.add_post("/warmup", generator.warmup)
     app.router.add_post("/run", generator.run)
+    app.router.add_post("/paced", generator.paced)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 

@@ -116,3 +116,73 @@ async def send(
         "started_at": started_at,
         "concurrency": concurrency,
     }
+
+
+async def send_paced(
+    url: str,
+    requests: list[Request],
+    rate_per_s: float,
+    *,
+    connections: int = 256,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """Send request i at `i / rate_per_s` seconds after the start whether or not earlier ones
+    were answered (an open loop, as a carrier sends), over at most `connections` keep-alive
+    connections. Answers, per request in order, when it was due and answered (`time.time()`,
+    comparable across processes on this machine) and its status, with the figures: latency is
+    counted from when a request was due, so a server that falls behind shows it (no
+    coordinated omission)."""
+    base = url.rstrip("/")
+    due_at: list[float] = [math.nan] * len(requests)
+    answered_at: list[float] = [math.nan] * len(requests)
+    statuses: list[str] = [""] * len(requests)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def one(session: aiohttp.ClientSession, index: int) -> None:
+        request = requests[index]
+        try:
+            async with session.post(
+                f"{base}{request.path}", data=request.body, headers=request.headers
+            ) as response:
+                await response.read()
+                statuses[index] = str(response.status)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            statuses[index] = type(error).__name__
+        answered_at[index] = time.time()
+
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        gc.collect()
+        gc.freeze()
+        try:
+            tasks = []
+            began_wall, began = time.time(), time.perf_counter()
+            for index in range(len(requests)):
+                delay = index / rate_per_s - (time.perf_counter() - began)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                due_at[index] = began_wall + index / rate_per_s
+                tasks.append(asyncio.create_task(one(session, index)))
+            sent_s = time.perf_counter() - began
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - began
+        finally:
+            gc.unfreeze()
+    ms = [1000.0 * (a - d) for a, d in zip(answered_at, due_at, strict=True)]
+    return {
+        "requests": len(requests),
+        "rate_per_s": rate_per_s,
+        "sent_s": sent_s,
+        "elapsed_s": elapsed,
+        "statuses": dict(collections.Counter(statuses)),
+        "latency_ms": {
+            "p50": percentile(ms, 0.5),
+            "p90": percentile(ms, 0.9),
+            "p99": percentile(ms, 0.99),
+            "max": max(ms, default=math.nan),
+        },
+        "due_at": due_at,
+        "answered_at": answered_at,
+        "status_of": statuses,
+        "started_at": began_wall,
+    }
