@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
@@ -516,3 +518,74 @@ async def test_a_stream_whose_database_fails_after_it_began_ends_cleanly_without
         response.close()
     assert reads == 2
     assert body == b"retry: 2000\n\n"
+
+
+async def test_a_listen_that_fails_in_any_way_does_not_end_the_broadcast(
+    api: Client, hooks: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg can fail a LISTEN with errors of its own (an InternalClientError on a connection
+    a restart left half-open): the broadcaster must poll, listen again, and go on."""
+    failures = [asyncpg.InternalClientError("cannot switch to state 11")]
+    add_listener = asyncpg.Connection.add_listener
+
+    async def failing_once(self: asyncpg.Connection, *args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await add_listener(self, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", failing_once)
+    await subscribe(api)
+    async with streaming(api) as stream:
+        await step(hooks, 1)
+        event = await stream.event()
+    assert (event.type, failures) == ("tracking.status_changed", [])
+
+
+async def test_a_listener_that_hears_nothing_is_covered_by_the_safety_poll(
+    api: Client, hooks: WebhookSender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LISTEN connection can be dead without knowing it (packets dropped silently, or
+    PgBouncer in transaction mode): changes still arrive, by the poll it makes meanwhile."""
+    monkeypatch.setattr(change_stream, "SAFETY_POLL_S", 0.2)
+    monkeypatch.setattr(change_stream.Broadcaster, "_notified", lambda *_: None)
+    await subscribe(api)
+    async with streaming(api) as stream:
+        await step(hooks, 1)
+        event = await stream.event()
+    assert event.type == "tracking.status_changed"
+
+
+async def test_a_client_that_takes_nothing_is_cut_and_holds_nothing(
+    api: Client, engine: AsyncEngine, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its socket's buffers full, every write waits: after WRITE_TIMEOUT_S its connection is
+    cut and its reader let go (EventSource would reconnect and resume)."""
+    monkeypatch.setattr(change_stream, "WRITE_TIMEOUT_S", 0.3)
+    subscription_id = await subscribe(api, metadata={"filler": "x" * 8000})
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO changes (type, subscription_id, sequence, state)"
+                " SELECT 'tracking.stale', :id, n, 'active' FROM generate_series(1, 2000) AS n"
+            ),
+            {"id": subscription_id},
+        )
+    broadcaster = api.server.app[change_stream.BROADCASTER]
+    host, port = api.server.host, api.server.port
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((host, port))
+    try:
+        head = f"GET {STREAM}?after={'0' * 32} HTTP/1.1\r\nHost: {host}\r\n"
+        stalled.sendall(f"{head}Authorization: Bearer {token}\r\n\r\n".encode())
+
+        async def let_go() -> bool | None:
+            return True if broadcaster.readers == 0 else None
+
+        async def reading() -> bool | None:
+            return True if broadcaster.readers == 1 else None
+
+        await eventually(reading)
+        await eventually(let_go)  # 16 MB of events owed, a 4 KiB buffer, nothing read
+    finally:
+        stalled.close()

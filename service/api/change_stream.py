@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -50,7 +51,15 @@ log = structlog.get_logger(__name__)
 
 PAGE = 500  # changes read at once, by a reader catching up and by the broadcaster
 QUEUE_PAGES = 64  # pages a reader may fall behind the broadcaster before it reads on its own
+QUEUE_CHANGES = 2000  # ... or changes: what a slow reader pins in memory stays small
 FALLBACK_POLL_S = 2.0  # how often the feed is read while NOTIFY cannot wake it
+# Read even while listening, this often: a LISTEN connection can be dead without knowing it
+# (a network that drops packets silently, PgBouncer in transaction mode), and is then pinged.
+SAFETY_POLL_S = 5.0
+LISTENER_TIMEOUT_S = 5.0
+# A stream whose client takes no bytes for this long (its buffers full) is cut: it holds
+# memory and the server's shutdown. EventSource reconnects and resumes.
+WRITE_TIMEOUT_S = 30.0
 # Looking again for a change notified but not yet visible: soon, then less often.
 RECHECK_FIRST_S = 0.005
 RECHECK_MAX_S = 0.25
@@ -88,19 +97,27 @@ class Reader:
 
     def __init__(self) -> None:
         self.pages: asyncio.Queue[Published] = asyncio.Queue(QUEUE_PAGES)
+        self.queued = 0  # changes in `pages`
         self.overflowed = False
 
     def offer(self, page: Published) -> None:
         if self.overflowed:
             return
-        try:
-            self.pages.put_nowait(page)
-        except asyncio.QueueFull:
+        if self.pages.full() or self.queued + len(page.changes) > QUEUE_CHANGES:
             self.overflowed = True  # the reader reads the database again, from its cursor
+            return
+        self.pages.put_nowait(page)
+        self.queued += len(page.changes)
+
+    async def next_page(self) -> Published:
+        page = await self.pages.get()
+        self.queued -= len(page.changes)
+        return page
 
     def reset(self) -> None:
         while not self.pages.empty():
             self.pages.get_nowait()
+        self.queued = 0
         self.overflowed = False
 
 
@@ -134,11 +151,14 @@ class Broadcaster:
         ends (its LISTEN connection closed) once the last reader has left."""
         reader = Reader()
         async with self._starting:
-            if self._task is None:
+            if self._task is None or self._task.done():
                 async with feed.snapshot(self._engine) as conn:
                     self._position = await feed.current_edge(conn)
                 self._horizon = self._position.txid + 1
-                self._task = asyncio.create_task(self._run(), name="change-broadcaster")
+                # A context of its own: not the first stream's (its request id in every log).
+                self._task = asyncio.create_task(
+                    self._run(), name="change-broadcaster", context=contextvars.Context()
+                )
             self._readers.add(reader)
         try:
             yield reader
@@ -152,7 +172,7 @@ class Broadcaster:
         self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self._close_listener()
 
@@ -164,24 +184,35 @@ class Broadcaster:
                     self._task = None
                     await self._close_listener()
                     return
-            listening = await self._ensure_listening()
-            waiting_for_horizon = self._told_txid >= self._horizon > 0
-            if waiting_for_horizon:
-                timeout_s = self._recheck_s
-                self._recheck_s = min(self._recheck_s * 2, RECHECK_MAX_S)
-            else:
-                timeout_s = FALLBACK_POLL_S if not listening else 3600.0
-                self._recheck_s = RECHECK_FIRST_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout_s)
-            self._wake.clear()
             try:
-                await self._read_new()
+                await self._round()
             except Exception:
-                # A database outage: the readers wait; the next wake or poll reads again.
-                log.warning("changes.broadcast_read_failed", exc_info=True)
+                # A database outage, a driver in a state it should not be in: the readers wait
+                # (their heartbeats go on); the next round listens and reads again.
+                log.warning("changes.broadcast_failed", exc_info=True)
+                await self._close_listener()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), RECONNECT_S)
+
+    async def _round(self) -> None:
+        """Wait for news (or the time to look again), then read what became visible."""
+        listening = await self._ensure_listening()
+        waiting_for_horizon = self._told_txid >= self._horizon > 0
+        if waiting_for_horizon:
+            timeout_s = self._recheck_s
+            self._recheck_s = min(self._recheck_s * 2, RECHECK_MAX_S)
+        else:
+            timeout_s = SAFETY_POLL_S if listening else FALLBACK_POLL_S
+            self._recheck_s = RECHECK_FIRST_S
+        woken = True
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+        except TimeoutError:
+            woken = False
+        self._wake.clear()
+        if listening and not woken and not waiting_for_horizon:
+            await self._ping_listener()
+        await self._read_new()
 
     async def _read_new(self) -> None:
         """Read what became visible since the last read, and hand it to every reader."""
@@ -196,13 +227,25 @@ class Broadcaster:
                 if page.at_edge:
                     return
 
+    async def _ping_listener(self) -> None:
+        """A listener that cannot answer within LISTENER_TIMEOUT_S is closed (and opened
+        again next round): NOTIFY may never have reached it."""
+        if self._listener is None:
+            return
+        try:
+            await self._listener.fetchval("SELECT 1", timeout=LISTENER_TIMEOUT_S)
+        except Exception as error:
+            log.warning("changes.listener_lost", error=type(error).__name__)
+            await self._close_listener()
+
     async def _ensure_listening(self) -> bool:
         if self._listener is not None and not self._listener.is_closed():
             return True
         try:
             self._listener = await asyncpg.connect(
                 asyncpg_dsn(self._database_url),
-                timeout=5,
+                timeout=LISTENER_TIMEOUT_S,
+                command_timeout=LISTENER_TIMEOUT_S,
                 server_settings={"application_name": LISTENER_NAME},
             )
             await self._listener.add_listener(CHANGES_CHANNEL, self._notified)
@@ -211,7 +254,7 @@ class Broadcaster:
             # still hides it, look again until the horizon passes everything begun so far.
             begun: int = await self._listener.fetchval(_NEXT_TXID)
             self._told_txid = max(self._told_txid, begun - 1)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        except Exception as error:  # any: a failed LISTEN must never end the broadcast
             log.warning("changes.listen_unavailable", error=type(error).__name__)
             await self._close_listener()
             return False
@@ -313,7 +356,6 @@ async def serve_stream(
             }
         )
         await response.prepare(request)
-        await response.write(f"retry: {RETRY_MS}\n\n".encode())
         stream = _Stream(request, response, reader, where, cursor, opened)
         try:
             await stream.run(broadcaster.closing, heartbeat_s)
@@ -362,8 +404,11 @@ class _Stream:
         self._reader = reader
         self._where = where
         self._cursor = cursor
+        self._closing = asyncio.Event()
 
     async def run(self, closing: asyncio.Event, heartbeat_s: float) -> None:
+        self._closing = closing
+        await self._write(f"retry: {RETRY_MS}\n\n".encode())
         await self._catch_up()
         while not closing.is_set():
             if self._reader.overflowed:
@@ -372,9 +417,27 @@ class _Stream:
                 continue
             page = await _next_page(self._reader, closing, heartbeat_s)
             if page is None:
-                await self._response.write(b": heartbeat\n\n")
+                await self._write(b": heartbeat\n\n")
                 continue
             await self._send_published(page)
+
+    async def _write(self, data: bytes) -> None:
+        """Write, unless the client has taken nothing for WRITE_TIMEOUT_S or the server is
+        shutting down: then the connection is cut (ConnectionResetError ends the stream)."""
+        write = asyncio.ensure_future(self._response.write(data))
+        closed = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait(
+                {write, closed}, timeout=WRITE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            closed.cancel()
+        if not write.done():
+            write.cancel()
+            if self._request.transport is not None:
+                self._request.transport.abort()
+            raise ConnectionResetError("the client took nothing, or the server is stopping")
+        write.result()
 
     async def _catch_up(self) -> None:
         """Read from the database until the feed's edge: what came before the broadcast."""
@@ -403,12 +466,12 @@ class _Stream:
             opened = self._opened
             changes = [change for change in changes if not opened.committed(change.row["txid"])]
         if changes:
-            await self._response.write(b"".join(change.event for change in changes))
+            await self._write(b"".join(change.event for change in changes))
 
 
 async def _next_page(reader: Reader, closing: asyncio.Event, timeout_s: float) -> Published | None:
     """The reader's next page; None after `timeout_s` without one, or when closing."""
-    page = asyncio.ensure_future(reader.pages.get())
+    page = asyncio.ensure_future(reader.next_page())
     closed = asyncio.ensure_future(closing.wait())
     try:
         await asyncio.wait({page, closed}, timeout=timeout_s, return_when="FIRST_COMPLETED")
