@@ -206,7 +206,12 @@ async def test_a_cursor_at_the_newest_change_pruned_reads_on_without_a_gap(
         {"after": "zz"},
         {"after": "f" * 32},  # past 64 bits
         {"after": "0" * 31},
+        {"after": "7fffffffffffffff" + "0" * 16},  # past every transaction begun: made up
         {"limit": "0"},
+        {"limit": "1_0"},
+        {"limit": "+5"},
+        {"limit": "5.0"},
+        {"limit": " 5"},
         {"limit": "1001"},
         {"type": "tracking.unknown"},
         {"subscription_id": "not-a-uuid"},
@@ -232,3 +237,15 @@ async def test_reading_the_feed_takes_a_token_that_may_read_subscriptions(
     assert (await api.get("/v1/changes", headers=bearer(reader))).status == 200
     assert (await api.get("/v1/changes", headers=bearer(scraper))).status == 403
     assert (await api.get("/v1/changes", headers={"Authorization": ""})).status == 401
+
+
+@pytest.mark.parametrize("name", ["after", "limit", "subscription_id", "created_by"])
+async def test_a_parameter_given_twice_is_a_400_not_one_of_them_taken(
+    api: Client, name: str
+) -> None:
+    values = {"after": "0" * 32, "limit": "5", "subscription_id": str(uuid.uuid4())}
+    value = values.get(name, "someone")
+    answer = await api.get("/v1/changes", params=[(name, value), (name, value)])
+    assert answer.status == 400
+    (error,) = (await answer.json())["errors"]
+    assert (error["field_name"], error["message"]) == (name, f"{name}: given more than once")

@@ -36,7 +36,6 @@ from service.api.changes import (
     change_out,
     decode_cursor,
     encode_cursor,
-    query_with_lists,
     read_page,
 )
 from service.api.keys import ENGINE, METRICS, SETTINGS
@@ -324,7 +323,7 @@ routes = web.RouteTableDef()
     errors=(400, 410),
 )
 async def stream_changes(request: web.Request) -> web.StreamResponse:
-    query: ChangesQuery = parse_query(ChangesQuery, query_with_lists(request, "type"))
+    query: ChangesQuery = parse_query(ChangesQuery, request.query)
     resume = request.headers.get("Last-Event-ID") or query.after
     name = "Last-Event-ID" if request.headers.get("Last-Event-ID") else "after"
     after = decode_cursor(resume, name) if resume else None

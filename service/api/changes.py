@@ -7,7 +7,6 @@ callers, checked strictly when it comes back.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from aiohttp import web
 from sqlalchemy.engine import RowMapping
@@ -44,7 +43,7 @@ _HALF = 16
     errors=(400, 410),
 )
 async def read_changes(request: web.Request) -> web.Response:
-    query: ChangesQuery = parse_query(ChangesQuery, query_with_lists(request, "type"))
+    query: ChangesQuery = parse_query(ChangesQuery, request.query)
     after = decode_cursor(query.after) if query.after is not None else None
     async with feed.snapshot(request.app[ENGINE]) as conn:
         page = await read_page(conn, after, query.limit, change_filter(query))
@@ -60,6 +59,12 @@ async def read_page(
     """`feed.read`, with an expired cursor answered as the 410 it is."""
     try:
         return await feed.read(conn, after, limit, where)
+    except feed.CursorUnknown:
+        raise BadRequest.invalid(
+            "after: not a cursor this feed gave (after a restore into another server, read "
+            "again without `after`)",
+            "after",
+        ) from None
     except feed.CursorExpired:
         raise Gone(
             ErrorDetail(
@@ -70,15 +75,6 @@ async def read_page(
                 "after",
             )
         ) from None
-
-
-def query_with_lists(request: web.Request, *repeatable: str) -> dict[str, Any]:
-    """The query as a dict: the repeatable parameters as lists, every other as its value."""
-    query: dict[str, Any] = dict(request.query)
-    for name in repeatable:
-        if name in request.query:
-            query[name] = request.query.getall(name)
-    return query
 
 
 def change_filter(query: ChangesQuery) -> ChangeFilter:

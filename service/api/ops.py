@@ -16,7 +16,7 @@ from service.api.body import read_json
 from service.api.errors import NotFound
 from service.api.keys import ENGINE, READ_ENGINE
 from service.api.operations import JSON_BODY_ERRORS, Answer, json_answer, operation
-from service.api.schemas import SubscriptionOut, parse_body, parse_query
+from service.api.schemas import QueryInt, SubscriptionOut, parse_body, parse_query
 from service.api.subscriptions import READERS, SUBSCRIPTION_ID, subscription_id_of
 from service.db import dispatch, ops
 from service.db.subscriptions import get_subscription
@@ -41,13 +41,13 @@ class StuckQuery(BaseModel):
     # At most 100 years back: further is past what PostgreSQL's timestamps hold.
     pending_minutes: float = Field(default=15, gt=0, le=100 * 365 * 24 * 60)
     silent_hours: float = Field(default=24, gt=0, le=100 * 365 * 24)
-    limit: int = Field(default=50, ge=1, le=500)
+    limit: QueryInt = Field(default=50, ge=1, le=500)
 
 
 class FailuresQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    per_code: int = Field(default=5, ge=0, le=100)
+    per_code: QueryInt = Field(default=5, ge=0, le=100)
 
 
 class BulkRetry(BaseModel):
@@ -203,7 +203,7 @@ async def _recount(app: web.Application) -> None:
     errors=(400,),
 )
 async def stuck(request: web.Request) -> web.Response:
-    query: StuckQuery = parse_query(StuckQuery, dict(request.query))
+    query: StuckQuery = parse_query(StuckQuery, request.query)
     limits = ops.StuckLimits(
         pending_for=timedelta(minutes=query.pending_minutes),
         silent_for=timedelta(hours=query.silent_hours),
@@ -225,7 +225,7 @@ async def stuck(request: web.Request) -> web.Response:
     errors=(400,),
 )
 async def failures(request: web.Request) -> web.Response:
-    query: FailuresQuery = parse_query(FailuresQuery, dict(request.query))
+    query: FailuresQuery = parse_query(FailuresQuery, request.query)
     async with request.app[READ_ENGINE].connect() as conn:
         groups = await ops.failures(conn, query.per_code)
     by_error_code = {

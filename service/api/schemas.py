@@ -5,11 +5,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+import typing
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from multidict import MultiMapping
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.engine import RowMapping
 
@@ -217,7 +228,7 @@ class ChangesQuery(BaseModel):
     after: str | None = Field(
         default=None, description="a cursor this feed gave; absent: from the oldest change kept"
     )
-    limit: int = Field(default=100, ge=1, le=1000)
+    limit: QueryInt = Field(default=100, ge=1, le=1000)
     type: list[ChangeType] | None = Field(default=None, description="repeatable: any of these")
     subscription_id: uuid.UUID | None = None
     created_by: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
@@ -231,7 +242,7 @@ class ListQuery(BaseModel):
     carrier_code: CarrierCode | None = None
     tracking_number: Identifier | None = None
     created_by: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    limit: int = Field(default=50, ge=1, le=500)
+    limit: QueryInt = Field(default=50, ge=1, le=500)
     cursor: str | None = None
 
 
@@ -296,12 +307,40 @@ def parse_body(model: type[BaseModel], payload: object) -> Any:
     return _refuse_nul(parsed, ValidationFailed)
 
 
-def parse_query(model: type[BaseModel], query: dict[str, str]) -> Any:
+def parse_query(model: type[BaseModel], query: Mapping[str, str]) -> Any:
+    """The query, validated by `model`: a parameter whose field is a list may repeat (each
+    value one item), any other given twice is refused rather than one of them taken."""
+    repeatable = {name for name, field in model.model_fields.items() if _is_list(field.annotation)}
+    values: dict[str, Any] = {}
+    for name in dict.fromkeys(query.keys()):
+        given = query.getall(name) if isinstance(query, MultiMapping) else [query[name]]
+        if name in repeatable:
+            values[name] = given
+        elif len(given) > 1:
+            raise BadRequest.invalid(f"{name}: given more than once", name)
+        else:
+            values[name] = given[0]
     try:
-        parsed = model.model_validate(query)
+        parsed = model.model_validate(values)
     except PydanticValidationError as error:
         raise BadRequest(*(_detail(item) for item in error.errors())) from None
     return _refuse_nul(parsed, BadRequest)
+
+
+def _is_list(annotation: object) -> bool:
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+
+
+def _decimal(value: object) -> object:
+    """A query's integer as decimal digits only: not `1_0`, `+5`, ` 5 ` nor `5.0`, which
+    pydantic's lax mode would take."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,18}", value, re.ASCII):
+        raise ValueError("must be a whole number in decimal digits")
+    return value
+
+
+# An integer of a query string.
+QueryInt = Annotated[int, BeforeValidator(_decimal)]
 
 
 def _refuse_nul(parsed: BaseModel, refusal: type[ApiError]) -> BaseModel:

@@ -114,7 +114,7 @@ async def _create(request: web.Request, news: list[NewSubscription]) -> list[Sub
     errors=(400,),
 )
 async def list_subscriptions(request: web.Request) -> web.Response:
-    query: ListQuery = parse_query(ListQuery, dict(request.query))
+    query: ListQuery = parse_query(ListQuery, request.query)
     after = decode_cursor(query.cursor) if query.cursor else None
     where = queries.SubscriptionFilter(
         state=query.state.value if query.state else None,

@@ -59,6 +59,11 @@ class CursorExpired(Exception):
     """The position is older than what retention deleted: changes after it are gone."""
 
 
+class CursorUnknown(Exception):
+    """The position is past every transaction begun on this server: no read gave it (or the
+    database was restored into another server, whose transaction ids have not reached it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ChangeFilter:
     types: frozenset[ChangeType] = frozenset()
@@ -106,7 +111,9 @@ async def read(
 ) -> FeedPage:
     """The changes after `after` (None: the oldest kept) that `where` lets through, in commit
     order, at most `limit`. `conn` must be in a `snapshot`."""
-    horizon, pruned_txid, pruned_id = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    horizon, begun, pruned_txid, pruned_id = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    if after is not None and after.txid >= begun:
+        raise CursorUnknown(after)
     if after is not None and after < Position(pruned_txid, pruned_id):
         raise CursorExpired(after)
     start = after or START
@@ -141,7 +148,7 @@ async def newest(conn: AsyncConnection, limit: int) -> Newest:
     """The `limit` newest changes visible below the horizon (as `read` sees them), newest
     first, and the edge they were read at: a reader going on from `edge` sees every later
     change exactly once. `conn` must be in a `snapshot`."""
-    horizon, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    horizon, _, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
     query = (
         sa.select(changes, *IMMUTABLE)
         .join_from(changes, subscriptions, subscriptions.c.id == changes.c.subscription_id)
@@ -159,9 +166,12 @@ async def held_back_s(conn: AsyncConnection) -> float:
     return float(seconds or 0.0)
 
 
+# Running transactions with an id, and prepared ones (two-phase commit), which hold the
+# horizon with no session at all.
 _HELD_BACK = sa.text(
-    "SELECT extract(epoch FROM clock_timestamp() - min(xact_start)) "
-    "FROM pg_stat_activity WHERE backend_xid IS NOT NULL"
+    "SELECT extract(epoch FROM clock_timestamp() - least("
+    "(SELECT min(xact_start) FROM pg_stat_activity WHERE backend_xid IS NOT NULL), "
+    "(SELECT min(prepared) FROM pg_prepared_xacts)))"
 )
 
 
@@ -173,7 +183,7 @@ def edge(horizon: int) -> Position:
 
 async def current_edge(conn: AsyncConnection) -> Position:
     """Where a reader that wants only what comes next starts."""
-    horizon, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    horizon, _, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
     return edge(horizon)
 
 
@@ -181,10 +191,16 @@ def position_of(row: RowMapping) -> Position:
     return Position(row["txid"], row["id"])
 
 
+def _snapshot_bound(bound: str) -> sa.Cast[int]:
+    """`pg_snapshot_xmin` (the horizon) or `pg_snapshot_xmax` (the next transaction id) of
+    the statement's snapshot, as a bigint."""
+    value = getattr(sa.func, bound)(sa.func.pg_current_snapshot())
+    return sa.cast(sa.cast(value, sa.Text), sa.BigInteger)
+
+
 _HORIZON_AND_PRUNED = sa.select(
-    sa.cast(
-        sa.cast(sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()), sa.Text), sa.BigInteger
-    ),
+    _snapshot_bound("pg_snapshot_xmin"),
+    _snapshot_bound("pg_snapshot_xmax"),
     changes_pruned.c.txid,
     changes_pruned.c.change_id,
 )
