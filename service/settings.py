@@ -185,6 +185,13 @@ positive_float = checked(finite_float, lambda value: value > 0, "a positive numb
 non_negative_float = checked(finite_float, lambda value: value >= 0, "zero or more")
 
 
+def host_names(raw: str) -> tuple[str, ...]:
+    """Comma-separated host names, lowercased, without a trailing dot; blanks between commas
+    are skipped."""
+    names = tuple(name.strip().lower().rstrip(".") for name in raw.split(","))
+    return tuple(name for name in names if name)
+
+
 def log_level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -203,6 +210,7 @@ HttpURL = Annotated[str, parsed(http_url)]
 PostgresURL = Annotated[str, parsed(postgres_url)]
 WebOrigin = Annotated[str, parsed(web_origin)]
 LogLevel = Annotated[str, parsed(log_level)]
+HostNames = Annotated[tuple[str, ...], parsed(host_names)]
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -349,6 +357,13 @@ class Settings(FromEnvironment):
     )
     change_stream_heartbeat_s: PositiveFloat = setting(
         15.0, "an idle change stream (SSE) sends a comment this often, to keep proxies open"
+    )
+    notify_allowed_hosts: HostNames = setting(
+        (),
+        "comma-separated host names that notification endpoints may point at; any other is "
+        "refused (link-local and metadata addresses are refused whatever this says)",
+        shown="unset",
+        note="any host",
     )
 
     @model_validator(mode="after")

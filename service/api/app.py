@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.api import change_stream, changes, health, openapi, ops, subscriptions
+from service.api import change_stream, changes, endpoints, health, openapi, ops, subscriptions
 from service.api.auth import TOKENS, authenticate
 from service.api.keys import (
     DELIVERY_COMMITS,
@@ -58,6 +58,7 @@ API_ROUTES = (
     subscriptions.routes,
     changes.routes,
     change_stream.routes,
+    endpoints.routes,
     ops.routes,
     receiver.routes,
     replay.routes,

@@ -23,6 +23,9 @@ from service.domain.access import PresentedToken, Scope, read_token
 TOKEN_CACHE_S = 30.0
 PUBLIC_PATHS = frozenset({"/v1/webhooks/shipengine"})
 CLIENT = web.RequestKey("client", str)
+# The scopes of the caller's token: for handlers whose answer depends on them, beyond the
+# scopes their `@operation` needs (`has_scope`).
+SCOPES = web.RequestKey("scopes", frozenset)
 TOKENS = web.AppKey("token_cache", dict)
 
 
@@ -42,7 +45,13 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     found = await _cached_token(request.app, presented.token_id) if presented else None
     token = check_token(presented, found, scopes_of(_route_handler(request)))
     request[CLIENT] = token.client
+    request[SCOPES] = token.scopes
     return await handler(request)
+
+
+def has_scope(request: web.Request, scope: Scope) -> bool:
+    """Whether the caller's token holds `scope` (False where no token was asked for)."""
+    return scope in request.get(SCOPES, frozenset())
 
 
 def check_token(

@@ -33,6 +33,7 @@ SECURITY_SCHEME = "bearerAuth"
 SCHEMA_REF = "#/components/schemas/{model}"
 # `x-scopes` on an operation: the scopes of which a token needs any one.
 SCOPES_EXTENSION = "x-scopes"
+NO_CONTENT = 204
 
 routes = web.RouteTableDef()
 
@@ -250,8 +251,9 @@ def _operation(
         responses[str(status)] = {
             "description": answer.description,
             "headers": {REQUEST_ID_HEADER: {"$ref": "#/components/headers/RequestId"}},
-            "content": {answer.media_type: {"schema": schema}},
         }
+        if status != NO_CONTENT:  # a 204 has no body, so no media type
+            responses[str(status)]["content"] = {answer.media_type: {"schema": schema}}
     for status in sorted(errors):
         responses[str(status)] = {"$ref": f"#/components/responses/{_error_name(status)}"}
     spec["responses"] = responses

@@ -11,6 +11,7 @@ from sqlalchemy.dialects import postgresql as pg
 
 from service.domain.changes import ChangeType
 from service.domain.deliveries import ORIGINAL_OUTCOMES, DeliveryOutcome
+from service.domain.endpoints import EndpointState
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import EVENT_FIELD_TYPES
 
@@ -403,3 +404,37 @@ changes_pruned = sa.Table(
     sa.Column("change_id", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.CheckConstraint("id = 1", name="single_row"),
 )
+
+# Where consumers want their changes pushed (`service/domain/endpoints.py`). An endpoint gets
+# the changes of the subscriptions its client created (`created_by`, the token's client), or of
+# every client's when an `ops` token made it with `all_clients`.
+notify_endpoints = sa.Table(
+    "notify_endpoints",
+    metadata,
+    sa.Column(
+        "id", pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+    ),
+    sa.Column("url", sa.Text, nullable=False),
+    # The change types it wants; NULL: every type, those added later too.
+    sa.Column("types", pg.ARRAY(sa.Text)),
+    sa.Column("description", sa.Text),
+    sa.Column("state", sa.Text, nullable=False, server_default=EndpointState.ENABLED.value),
+    sa.Column("created_by", sa.Text, nullable=False),
+    sa.Column("all_clients", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Kept as is, unlike a token's: signing needs the secret itself (HMAC), not a hash of it.
+    # Shown to the caller once, when it is made.
+    sa.Column("secret", sa.Text, nullable=False),
+    # After a rotation, the secret it replaced, in force (signing too) until it expires.
+    sa.Column("previous_secret", sa.Text),
+    _timestamp("previous_secret_expires_at"),
+    # The consumer's own pace; NULL: no limit.
+    sa.Column("rate_limit_per_s", sa.Float),
+    # Why the sender disabled it; cleared by `enable`.
+    sa.Column("disabled_reason", sa.Text),
+    _created_at(),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint(f"state IN ({_quoted(EndpointState)})", name="state"),
+)
+sa.Index("ix_notify_endpoints_created_by", notify_endpoints.c.created_by)
