@@ -24,7 +24,6 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
-import sqlalchemy as sa
 import structlog
 from aiohttp import web
 from sqlalchemy.engine import RowMapping
@@ -251,7 +250,7 @@ class Broadcaster:
             self._listener.add_termination_listener(self._listener_lost)
             # What committed before we listened notified nobody; if an older transaction
             # still hides it, look again until the horizon passes everything begun so far.
-            begun: int = await self._listener.fetchval(_NEXT_TXID)
+            begun: int = await self._listener.fetchval(feed.NEXT_TXID_SQL)
             self._told_txid = max(self._told_txid, begun - 1)
         except Exception as error:  # any: a failed LISTEN must never end the broadcast
             log.warning("changes.listen_unavailable", error=type(error).__name__)
@@ -278,8 +277,6 @@ class Broadcaster:
                 await self._listener.close()
             self._listener = None
 
-
-_NEXT_TXID = "SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)"
 
 BROADCASTER = web.AppKey("change_broadcaster", Broadcaster)
 
@@ -324,10 +321,17 @@ routes = web.RouteTableDef()
 )
 async def stream_changes(request: web.Request) -> web.StreamResponse:
     query: ChangesQuery = parse_query(ChangesQuery, request.query)
-    resume = request.headers.get("Last-Event-ID") or query.after
-    name = "Last-Event-ID" if request.headers.get("Last-Event-ID") else "after"
-    after = decode_cursor(resume, name) if resume else None
-    return await serve_stream(request, after, change_filter(query))
+    return await serve_stream(request, resume_after(request, query.after), change_filter(query))
+
+
+def resume_after(request: web.Request, after: str | None) -> Position | None:
+    """After the last event received (`Last-Event-ID`, which EventSource sends when it
+    reconnects), else after `after`, else None (from now on); a 400 for either that is no
+    cursor of this feed."""
+    header = request.headers.get("Last-Event-ID")
+    if header:
+        return decode_cursor(header, "Last-Event-ID")
+    return decode_cursor(after, "after") if after else None
 
 
 async def serve_stream(
@@ -338,14 +342,12 @@ async def serve_stream(
     broadcaster = request.config_dict[BROADCASTER]
     heartbeat_s = request.config_dict[SETTINGS].change_stream_heartbeat_s
     async with broadcaster.reading() as reader:
-        cursor = after
-        opened: OpenedAt | None = None
-        if cursor is None:
-            async with feed.snapshot(request.config_dict[ENGINE]) as conn:
-                cursor = await feed.current_edge(conn)
-                opened = OpenedAt.parse((await conn.execute(_SNAPSHOT)).scalar_one())
-        else:
-            async with feed.snapshot(request.config_dict[ENGINE]) as conn:
+        committed: feed.Committed | None = None
+        async with feed.snapshot(request.config_dict[ENGINE]) as conn:
+            if after is None:
+                cursor, committed = await feed.opening(conn)
+            else:
+                cursor = after
                 await read_page(conn, cursor, 1, where)  # an expired cursor is a 410 first
         response = web.StreamResponse(
             headers={
@@ -355,7 +357,7 @@ async def serve_stream(
             }
         )
         await response.prepare(request)
-        stream = _Stream(request, response, reader, where, cursor, opened)
+        stream = _Stream(request, response, reader, where, cursor, committed)
         try:
             await stream.run(broadcaster.closing, heartbeat_s)
         except ConnectionResetError:
@@ -367,26 +369,6 @@ async def serve_stream(
     return response
 
 
-_SNAPSHOT = sa.text("SELECT CAST(pg_current_snapshot() AS text)")
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenedAt:
-    """The snapshot a stream without a cursor opened at: what had committed then."""
-
-    xmin: int
-    xmax: int
-    running: frozenset[int]
-
-    @classmethod
-    def parse(cls, text: str) -> OpenedAt:
-        xmin, xmax, running = text.split(":")
-        return cls(int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x))
-
-    def committed(self, txid: int) -> bool:
-        return txid < self.xmin or (txid < self.xmax and txid not in self.running)
-
-
 class _Stream:
     def __init__(
         self,
@@ -395,9 +377,9 @@ class _Stream:
         reader: Reader,
         where: ChangeFilter,
         cursor: Position,
-        opened: OpenedAt | None = None,
+        opened: feed.Committed | None = None,
     ) -> None:
-        self._opened = opened
+        self._opened = opened  # set from now on: what had committed then is left out
         self._request = request
         self._response = response
         self._reader = reader
@@ -463,7 +445,7 @@ class _Stream:
     async def _send(self, changes: list[Rendered]) -> None:
         if self._opened is not None:
             opened = self._opened
-            changes = [change for change in changes if not opened.committed(change.row["txid"])]
+            changes = [change for change in changes if not opened.holds(change.row["txid"])]
         if changes:
             await self._write(b"".join(change.event for change in changes))
 

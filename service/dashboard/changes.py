@@ -15,8 +15,9 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from service.api.change_stream import resume_after as stream_resume_after
 from service.api.change_stream import serve_stream
-from service.api.changes import change_out, decode_cursor, encode_cursor
+from service.api.changes import change_out, encode_cursor
 from service.api.errors import BadRequest
 from service.api.keys import ENGINE
 from service.dashboard.keys import VIEWER
@@ -66,14 +67,9 @@ async def changes_stream(request: web.Request) -> web.StreamResponse:
 
 
 def resume_after(request: web.Request) -> Position | None:
-    """After the last event received (`Last-Event-ID`, which EventSource sends when it
-    reconnects), else after the rows the page showed (`after`), else from now on."""
-    header = request.headers.get("Last-Event-ID")
-    cursor, name = (header, "Last-Event-ID") if header else (request.query.get("after"), "after")
-    if not cursor:
-        return None
+    """The stream's `resume_after`, from the rows the page showed (`after`), as a page's 400."""
     try:
-        return decode_cursor(cursor, name)
+        return stream_resume_after(request, request.query.get("after"))
     except BadRequest as error:
         raise Refused(400, str(error)) from None
 

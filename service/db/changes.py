@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
@@ -124,8 +124,7 @@ async def read(
         if scanned_to is not None:
             visible.append(_position() <= _literal(scanned_to))
     query = (
-        sa.select(changes, *IMMUTABLE)
-        .join_from(changes, subscriptions, subscriptions.c.id == changes.c.subscription_id)
+        _with_subscription()
         .where(*visible, *_filters(where))
         .order_by(changes.c.txid, changes.c.id)
         .limit(limit)
@@ -148,10 +147,9 @@ async def newest(conn: AsyncConnection, limit: int) -> Newest:
     """The `limit` newest changes visible below the horizon (as `read` sees them), newest
     first, and the edge they were read at: a reader going on from `edge` sees every later
     change exactly once. `conn` must be in a `snapshot`."""
-    horizon, _, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    horizon = await _horizon(conn)
     query = (
-        sa.select(changes, *IMMUTABLE)
-        .join_from(changes, subscriptions, subscriptions.c.id == changes.c.subscription_id)
+        _with_subscription()
         .where(changes.c.txid < horizon)
         .order_by(changes.c.txid.desc(), changes.c.id.desc())
         .limit(limit)
@@ -183,8 +181,46 @@ def edge(horizon: int) -> Position:
 
 async def current_edge(conn: AsyncConnection) -> Position:
     """Where a reader that wants only what comes next starts."""
-    horizon, _, _, _ = (await conn.execute(_HORIZON_AND_PRUNED)).one()
-    return edge(horizon)
+    return edge(await _horizon(conn))
+
+
+@dataclasses.dataclass(frozen=True)
+class Committed:
+    """What had committed when a snapshot was taken (`pg_current_snapshot()`)."""
+
+    xmin: int
+    xmax: int
+    running: frozenset[int]
+
+    def holds(self, txid: int) -> bool:
+        """Whether the transaction `txid` had committed (or ended) by then."""
+        return txid < self.xmin or (txid < self.xmax and txid not in self.running)
+
+
+async def opening(conn: AsyncConnection) -> tuple[Position, Committed]:
+    """Where a reader that wants only what commits from now on starts, and what had committed
+    by now: the changes between that edge and now that it must leave out. `conn` must be in a
+    `snapshot`."""
+    xmin, xmax, running = (await conn.scalar(_CURRENT_SNAPSHOT)).split(":")
+    committed = Committed(int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x))
+    return edge(committed.xmin), committed
+
+
+_CURRENT_SNAPSHOT = sa.text("SELECT CAST(pg_current_snapshot() AS text)")
+# The next transaction id to be assigned, as a bigint: for a raw asyncpg connection.
+NEXT_TXID_SQL = "SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)"
+
+
+async def _horizon(conn: AsyncConnection) -> int:
+    horizon: int = (await conn.execute(_HORIZON_AND_PRUNED)).one()[0]
+    return horizon
+
+
+def _with_subscription() -> sa.Select[Any]:
+    """Changes with what never changes of their subscription (`IMMUTABLE`)."""
+    return sa.select(changes, *IMMUTABLE).join_from(
+        changes, subscriptions, subscriptions.c.id == changes.c.subscription_id
+    )
 
 
 def position_of(row: RowMapping) -> Position:
