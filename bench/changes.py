@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,21 @@ from bench.infra import (
     REPOSITORY,
     BenchError,
     LoadGenerator,
-    Processes,
     ServiceProcess,
     api_headers,
     backend_pids,
     cpu_cores,
     cpu_snapshot,
+    memory_mb,
     start_api,
     start_load_generator,
 )
 from bench.loadgen import tracking_number
-from bench.measure import percentile
+from bench.measure import distribution, percentile
 from bench.report import Check, Report, cores, number
 from bench.suite import Bench
+from service.api.changes import decode_cursor, encode_cursor
+from service.db.changes import START, Position
 from service.db.engine import asyncpg_dsn
 
 SCENARIOS = ("feed", "lag", "outbox", "idle")
@@ -166,32 +168,6 @@ async def _subscribe(conn: asyncpg.Connection, prefix: str, count: int) -> None:
         count,
     )
     await conn.execute("ANALYZE subscriptions")
-
-
-def _rss_mb(pid: int, field: str = "VmRSS") -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return math.nan
-    for line in status.splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024.0
-    return math.nan
-
-
-def _api_process(procs: Processes, name: str) -> ServiceProcess:
-    return next(p for p in procs.started if p.name == name)
-
-
-def distribution(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "min": min(values, default=math.nan),
-        "p50": percentile(values, 0.5),
-        "p90": percentile(values, 0.9),
-        "p99": percentile(values, 0.99),
-        "max": max(values, default=math.nan),
-    }
 
 
 # -- feed -------------------------------------------------------------------------------------
@@ -322,15 +298,6 @@ async def _fill_feed(plan: Plan, conn: asyncpg.Connection, database_url: str) ->
     }
 
 
-def encode_cursor(txid: int, change_id: int) -> str:
-    """A feed cursor as `service/api/changes.py` writes one: 16 hex digits each."""
-    return f"{txid:016x}{change_id:016x}"
-
-
-def decode_cursor(cursor: str) -> tuple[int, int]:
-    return int(cursor[:16], 16), int(cursor[16:], 16)
-
-
 @dataclasses.dataclass
 class Walk:
     """Pages read one after another: each page's changes and seconds."""
@@ -402,7 +369,7 @@ async def _walk_sql(conn: asyncpg.Connection, start: str | None, pages: int, lim
     """The same pages straight from PostgreSQL: one prepared asyncpg query each."""
     statement = await conn.prepare(SQL_PAGE)
     walk = Walk()
-    txid, change_id = decode_cursor(start) if start else (0, 0)
+    txid, change_id = decode_cursor(start) if start else START
     for _ in range(pages):
         began = time.perf_counter()
         rows = await statement.fetch(txid, change_id, limit)
@@ -427,7 +394,7 @@ async def feed(bench: Bench, plan: Plan, report: Report) -> None:
                 flush=True,
             )
             url = await start_api(procs, {"DATABASE_URL": database_url})
-            api = _api_process(procs, "api")
+            api = procs.named("api")
             headers = await api_headers(database_url, [READ_SCOPE], client="feed-reader")
             middle = await conn.fetchrow(
                 "SELECT txid, id FROM changes ORDER BY txid, id OFFSET $1 LIMIT 1",
@@ -435,7 +402,7 @@ async def feed(bench: Bench, plan: Plan, report: Report) -> None:
             )
             starts: dict[str, str | None] = {
                 "oldest": None,
-                "middle": encode_cursor(middle["txid"], middle["id"]),
+                "middle": encode_cursor(Position(middle["txid"], middle["id"])),
             }
             limit = plan.feed_page_size
             # Warm-up, uncounted: the same pages once as SQL (the buffer cache, for both), and
@@ -638,7 +605,7 @@ async def lag(bench: Bench, plan: Plan, report: Report) -> None:
                 "SHIPENGINE_JWKS_URL": f"{generator.url}/jwks",
             }
             url = await start_api(procs, env)
-            api = _api_process(procs, "api")
+            api = procs.named("api")
             headers = await api_headers(database_url, [READ_SCOPE], client="stream-reader")
             warm = {
                 "url": url,
@@ -990,7 +957,7 @@ async def outbox(bench: Bench, plan: Plan, report: Report) -> None:
                         procs, {**env, "PYTHONPATH": str(tree)}, name="api-no-outbox", cwd=tree
                     ),
                 }
-                apis = {build: _api_process(procs, f"api-{build}") for build in urls}
+                apis = {build: procs.named(f"api-{build}") for build in urls}
                 cwd = os.readlink(f"/proc/{apis['no-outbox'].pid}/cwd")
                 if Path(cwd) != tree:
                     raise BenchError(f"outbox: the patched API runs in {cwd}, not {tree}")
@@ -1153,7 +1120,7 @@ async def idle(bench: Bench, plan: Plan, report: Report) -> None:
         try:
             await _subscribe(conn, f"{FEED_PREFIX}I", 1)
             url = await start_api(procs, {"DATABASE_URL": database_url})
-            api = _api_process(procs, "api")
+            api = procs.named("api")
             headers = await api_headers(database_url, [READ_SCOPE], client="idle-readers")
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
             connector = aiohttp.TCPConnector(limit=0)
@@ -1164,7 +1131,7 @@ async def idle(bench: Bench, plan: Plan, report: Report) -> None:
                 async with session.get(f"{url}/v1/changes", params={"limit": "1"}) as response:
                     await response.read()
                 await asyncio.sleep(1.0)
-                rss_before = _rss_mb(api.pid)
+                rss_before = memory_mb(api.pid)
                 fds_before = len(os.listdir(f"/proc/{api.pid}/fd"))
                 streams = [
                     EventStream(session, f"{url}/v1/changes/stream")
@@ -1186,7 +1153,7 @@ async def idle(bench: Bench, plan: Plan, report: Report) -> None:
                     failures = [repr(o) for o in opened if isinstance(o, BaseException)]
                     connected = sum(1 for s in streams if s.status == 200 and s.ready.is_set())
                     await asyncio.sleep(plan.idle_settle_s)
-                    rss_after = _rss_mb(api.pid)
+                    rss_after = memory_mb(api.pid)
                     fds_after = len(os.listdir(f"/proc/{api.pid}/fd"))
                     activity = [
                         dict(row)
@@ -1208,7 +1175,7 @@ async def idle(bench: Bench, plan: Plan, report: Report) -> None:
                     fan_out_ms["api_cpu_us_per_reader"] = 1000.0 * _ms_per(
                         fan_out_cpu, "api", connected
                     )
-                    rss_fan_out = _rss_mb(api.pid)
+                    rss_fan_out = memory_mb(api.pid)
                 limits = _open_files_limit(api.pid)
                 statuses: dict[str, int] = {}
                 for stream in streams:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import platform
 import signal
@@ -260,6 +261,10 @@ class Processes:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop(self.started)
+
+    def named(self, name: str) -> ServiceProcess:
+        """The started process of that name."""
+        return next(process for process in self.started if process.name == name)
 
     async def stop(self, processes: Iterable[ServiceProcess], timeout_s: float = 30.0) -> None:
         """Stop these concurrently (SIGTERM, then SIGKILL); shielded from cancellation."""
@@ -596,3 +601,16 @@ def cpu_cores(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     used["others"] = round(used["machine"] - sum(used[name] for name in after.per_group), 3)
     used["interval_s"] = round(elapsed, 3)
     return used
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of `/proc/<pid>/status` (VmRSS now, VmHWM its peak), in MB; NaN when
+    the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return math.nan
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    return math.nan

@@ -27,7 +27,6 @@ import dataclasses
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,6 +45,7 @@ from bench.infra import (
     cpu_cores,
     cpu_snapshot,
     free_port,
+    memory_mb,
     start_api,
     start_load_generator,
     with_children,
@@ -143,7 +143,7 @@ async def run(bench: Bench, report: Report) -> None:
                     bench, plan, report, procs, conn, generator, servers, load, rates, scrape
                 )
             _rss_check(report, servers)
-            report.options["loadgen_peak_rss_mb"] = _peak_rss_mb(generator.process.pid)
+            report.options["loadgen_peak_rss_mb"] = memory_mb(generator.process.pid, "VmHWM")
         finally:
             await conn.close()
 
@@ -184,7 +184,7 @@ async def _start_servers(
     }
     for key, workers in (("full", "1"), ("full2", "2")):
         url = await start_api(procs, {**env, "API_WORKERS": workers}, name=f"api-{key}")
-        api = next(p for p in procs.started if p.name == f"api-{key}")
+        api = procs.named(f"api-{key}")
         servers[key] = Server(key, url, api)
     return servers
 
@@ -507,21 +507,10 @@ def _checks(
     )
 
 
-def _peak_rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return math.nan
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return math.nan
-
-
 def _rss_check(report: Report, servers: dict[str, Server]) -> None:
     """The largest process of each server: with API_WORKERS each worker is an API process."""
     peaks = {
-        key: max(_peak_rss_mb(pid) for pid in with_children(server.process.pid))
+        key: max(memory_mb(pid, "VmHWM") for pid in with_children(server.process.pid))
         for key, server in servers.items()
     }
     report.options["peak_rss_mb"] = peaks

@@ -62,3 +62,15 @@ def mean_in_flight(spans: Sequence[tuple[float, float]], start: float, end: floa
         return math.nan
     covered = sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans)
     return covered / (end - start)
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    """How many, the least, p50, p90, p99 and the most."""
+    return {
+        "n": len(values),
+        "min": min(values, default=math.nan),
+        "p50": percentile(values, 0.5),
+        "p90": percentile(values, 0.9),
+        "p99": percentile(values, 0.99),
+        "max": max(values, default=math.nan),
+    }

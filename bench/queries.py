@@ -52,7 +52,7 @@ from bench.infra import (
     cpu_snapshot,
     start_api,
 )
-from bench.measure import percentile
+from bench.measure import distribution
 from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.api.schemas import decode_cursor, encode_cursor
@@ -134,16 +134,6 @@ class Timed:
         return [ms for values in self.samples.values() for ms in values]
 
 
-def distribution(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": percentile(values, 0.5),
-        "p90": percentile(values, 0.9),
-        "p99": percentile(values, 0.99),
-        "max": max(values, default=math.nan),
-    }
-
-
 async def run(bench: Bench, report: Report) -> None:
     plan = QUICK if bench.quick else FULL
     wanted = [key for key in SCENARIOS if bench.wants(key)]
@@ -166,7 +156,7 @@ async def run(bench: Bench, report: Report) -> None:
             if wanted == ["load"]:
                 return
             api_url = await start_api(procs, {"DATABASE_URL": database_url})
-            api = next(p for p in procs.started if p.name == "api")
+            api = procs.named("api")
             headers = await api_headers(database_url)
             reader = Reader(bench, plan, report, procs, conn, database_url, api_url, api, headers)
             async with reader.session():

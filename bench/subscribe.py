@@ -124,7 +124,7 @@ async def run(bench: Bench, report: Report) -> None:
             generator = await start_load_generator(procs, "apiload")
             baseline = await _start_baseline(procs, database_url, plan)
             url = await start_api(procs, {"DATABASE_URL": database_url})
-            api_process = next(p for p in procs.started if p.name == "api")
+            api_process = procs.named("api")
             api = Target("sub", url, api_process, await api_headers(database_url))
             singles = [baseline]  # (b) always: `sub` and `sub2` are judged against it
             if bench.wants("sub"):
@@ -133,7 +133,7 @@ async def run(bench: Bench, report: Report) -> None:
                 # Both cores for the API, as the ingest suite's `full2`; packages of its own.
                 env = {"DATABASE_URL": database_url, "API_WORKERS": "2"}
                 url2 = await start_api(procs, env, name="api-2")
-                api2 = next(p for p in procs.started if p.name == "api-2")
+                api2 = procs.named("api-2")
                 singles.append(Target("sub2", url2, api2, api.headers, "single2", SINGLE2_PREFIX))
             results: dict[str, dict[str, Any]] = {}
             if any(bench.wants(key) for key in ("sub_b", "sub", "sub2")):
