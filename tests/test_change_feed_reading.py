@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.api import app as app_module
 from service.db import changes as feed
 from service.db.tokens import create_token
 from service.domain.access import Scope
@@ -249,3 +250,22 @@ async def test_a_parameter_given_twice_is_a_400_not_one_of_them_taken(
     assert answer.status == 400
     (error,) = (await answer.json())["errors"]
     assert (error["field_name"], error["message"]) == (name, f"{name}: given more than once")
+
+
+async def test_retention_deletes_in_small_batches_until_nothing_old_is_left(
+    api: Client,
+    engine: AsyncEngine,
+    app_with: AppWith,
+    live_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each batch its own short transaction (a long one would hold every reader back), and
+    as many batches as it takes."""
+    monkeypatch.setattr(app_module, "PRUNE_BATCH", 1)
+    made = [await subscribe(api, f"BATCH-{n}") for n in range(4)]
+    for subscription_id in made:
+        async with engine.begin() as conn:
+            await note(conn, subscription_id)
+    await make_old(engine, 3)
+    await app_with(live_settings)
+    assert [change["subscription_id"] for change in await changes(api)] == made[3:]
