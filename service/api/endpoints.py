@@ -21,7 +21,7 @@ from service.api.body import read_json
 from service.api.errors import ErrorDetail, NotFound, ValidationFailed
 from service.api.keys import ENGINE, SETTINGS
 from service.api.operations import JSON_BODY_ERRORS, Answer, Param, json_answer, operation
-from service.api.schemas import parse_body
+from service.api.schemas import parse_body, path_id
 from service.api.subscriptions import READERS
 from service.db import endpoints as queries
 from service.db.endpoints import NewEndpoint
@@ -308,11 +308,7 @@ async def resolve(host: str, port: int) -> list[str]:
 
 
 def endpoint_id_of(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["id"])
-    except ValueError:
-        # Not an id this service could have issued, so there is no such endpoint.
-        raise NotFound.resource("endpoint") from None
+    return path_id(request, "endpoint")
 
 
 def _owner(request: web.Request) -> str | None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from aiohttp import web
 from multidict import MultiMapping
 from pydantic import (
     BaseModel,
@@ -29,6 +30,7 @@ from service.api.errors import (
     BadRequest,
     ErrorDetail,
     ErrorItem,
+    NotFound,
     ValidationFailed,
     is_none,
 )
@@ -305,6 +307,14 @@ def parse_body(model: type[BaseModel], payload: object) -> Any:
     except PydanticValidationError as error:
         raise ValidationFailed(*(_detail(item) for item in error.errors())) from None
     return _refuse_nul(parsed, ValidationFailed)
+
+
+def path_id(request: web.Request, what: str) -> uuid.UUID:
+    """The `{id}` of the path; one that is no UUID was never issued: no such `what` (404)."""
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise NotFound.resource(what) from None
 
 
 def parse_query(model: type[BaseModel], query: Mapping[str, str]) -> Any:

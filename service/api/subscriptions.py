@@ -30,6 +30,7 @@ from service.api.schemas import (
     encode_cursor,
     parse_body,
     parse_query,
+    path_id,
     subscription_out,
 )
 from service.db import subscriptions as queries
@@ -255,8 +256,4 @@ async def cancel_subscription(request: web.Request) -> web.Response:
 
 
 def subscription_id_of(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["id"])
-    except ValueError:
-        # Not an id this service could have issued, so there is no such subscription.
-        raise NotFound.resource("subscription") from None
+    return path_id(request, "subscription")
