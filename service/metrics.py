@@ -12,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.changes import held_back_s
 from service.db.dispatch import backlog, current_pause
+from service.db.notify import endpoint_counts
+from service.domain.endpoints import EndpointState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -129,6 +131,36 @@ class Metrics:
             "change feed shows no change committed after it began until it ends.",
             registry=registry,
         )
+        self.notifications = Counter(
+            "tracking_notifications_total",
+            "Notification sends to consumers' endpoints, by outcome (delivered, failed, "
+            "timeout, unreachable, refused, throttled, gone).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.notification_latency = Histogram(
+            "tracking_notification_seconds",
+            "Time from sending a notification to the consumer's whole answer (or giving up).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.notify_endpoints_disabled = Counter(
+            "tracking_notify_endpoints_disabled_total",
+            "Endpoints this process disabled: a 410, or a message's last retry failed.",
+            registry=registry,
+        )
+        self.notify_endpoints = Gauge(
+            "tracking_notify_endpoints",
+            "Notification endpoints, by state (enabled, disabled).",
+            ["state"],
+            registry=registry,
+        )
+        self.notify_queued = Gauge(
+            "tracking_notify_queued",
+            "Notifications queued for endpoints and not yet delivered (of enabled and "
+            "disabled endpoints alike).",
+            registry=registry,
+        )
         self.change_stream_readers = Gauge(
             "tracking_change_stream_readers",
             "Change streams (Server-Sent Events) this process serves now.",
@@ -144,6 +176,10 @@ class Metrics:
         for kind in ("rate_limit", "account", "manual"):
             self.dispatch_paused.labels(kind).set(1 if pause and pause.kind == kind else 0)
         self.change_feed_held_back_seconds.set(await held_back_s(conn))
+        counts = await endpoint_counts(conn)
+        for state in EndpointState:
+            self.notify_endpoints.labels(state.value).set(counts.by_state.get(state, 0))
+        self.notify_queued.set(counts.queued)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

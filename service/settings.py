@@ -20,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from service.domain.notifications import SEND_AHEAD_S
 from service.domain.subscriptions import Budget
 from service.domain.tracking import RearmPolicy
 
@@ -358,6 +359,27 @@ class Settings(FromEnvironment):
     change_stream_heartbeat_s: PositiveFloat = setting(
         15.0, "an idle change stream (SSE) sends a comment this often, to keep proxies open"
     )
+    notify_concurrency_per_endpoint: PositiveInt = setting(
+        16,
+        "notifications in flight to one endpoint at most, across every worker (one per "
+        "subscription: each subscription's arrive in order)",
+    )
+    notify_timeout_s: PositiveFloat = setting(
+        10.0, "a notification not answered whole within this is retried"
+    )
+    notify_lease_s: PositiveFloat = setting(
+        60.0,
+        "a worker's claim on a notification it sends: one that dies mid-send has it sent "
+        "again after this",
+    )
+    notify_concurrency: PositiveInt = setting(
+        256, "notifications one dispatcher process keeps in flight, all endpoints together"
+    )
+    notify_queue_per_endpoint: PositiveInt = setting(
+        10_000,
+        "notifications queued for one endpoint at most; the rest wait in the change feed "
+        "(so within its retention nothing is lost)",
+    )
     notify_allowed_hosts: HostNames = setting(
         (),
         "comma-separated host names that notification endpoints may point at; any other is "
@@ -393,6 +415,14 @@ class Settings(FromEnvironment):
             raise SettingsError(
                 f"DISPATCH_LEASE_S: must be longer than SHIPENGINE_TIMEOUT_S "
                 f"({self.dispatch_lease_s} <= {self.shipengine_timeout_s})"
+            )
+        if self.notify_lease_s <= self.notify_timeout_s + SEND_AHEAD_S:
+            # A claim must outlive its send (and a rate-limited send's wait), or a second
+            # worker could send the same message while the first still waits for the answer.
+            raise SettingsError(
+                f"NOTIFY_LEASE_S: must be longer than NOTIFY_TIMEOUT_S + "
+                f"{SEND_AHEAD_S:g} ({self.notify_lease_s} <= {self.notify_timeout_s} "
+                f"+ {SEND_AHEAD_S:g})"
             )
         return self
 

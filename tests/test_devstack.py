@@ -45,7 +45,7 @@ async def fetch_when(session: aiohttp.ClientSession, url: str, done: Any) -> dic
 
 
 async def test_run_brings_up_the_whole_product_and_stops_cleanly(tmp_path: Path) -> None:
-    api_port, simulator_port = free_port(), free_port()
+    api_port, simulator_port, consumer_port = free_port(), free_port(), free_port()
     env = {
         key: value
         for key, value in os.environ.items()
@@ -55,6 +55,7 @@ async def test_run_brings_up_the_whole_product_and_stops_cleanly(tmp_path: Path)
         "PORT": str(api_port),
         "SIMULATOR_PORT": str(simulator_port),
         "SIMULATOR_PACE_S": "0.05",
+        "LOCAL_CONSUMER_PORT": str(consumer_port),
         "PYTHONPATH": str(REPOSITORY),
     }
     process = await asyncio.create_subprocess_exec(
@@ -86,6 +87,11 @@ async def test_run_brings_up_the_whole_product_and_stops_cleanly(tmp_path: Path)
             url = f"{base}/v1/subscriptions/{subscription_id}"
             delivered = await fetch_when(session, url, lambda s: s["status_code"] == "DE")
             assert delivered["state"] == "active"
+            # The local consumer is told, its signature checked, and prints it.
+            assert f"http://127.0.0.1:{consumer_port}/notifications" in printed
+            told = "local consumer: tracking.status_changed 9405511899223197428490 DE (chg_"
+            await asyncio.wait_for(read_until(process.stdout, told, output), 30)
+            assert "bad signature" not in "".join(output)
             async with session.get(f"{url}/events") as response:
                 assert len((await response.json())["items"]) >= 4
             # The printed token scrapes /metrics, as printed.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -18,6 +18,7 @@ from service.api.keys import (
     DELIVERY_COMMITS,
     ENGINE,
     METRICS,
+    NOTIFY_HTTP,
     READ_ENGINE,
     SETTINGS,
     SUBSCRIBE_COMMITS,
@@ -34,13 +35,14 @@ from service.api.ops import SUMMARY, stop_recounting
 from service.dashboard import create_dashboard
 from service.dashboard.keys import DashboardOptions
 from service.db import changes as change_feed
-from service.db import partitions
+from service.db import notify, partitions
 from service.db import subscriptions as queries
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
 from service.db.engine import engine_from
 from service.db.group_commit import GroupCommit
 from service.db.subscriptions import NewSubscription, Subscribed
 from service.metrics import Metrics
+from service.notify import sending
 from service.settings import Settings
 from service.webhooks import receiver, replay
 from service.webhooks.refusals import refusal_ledger
@@ -51,6 +53,8 @@ log = structlog.get_logger(__name__)
 PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 PARTITION_MAINTENANCE_START_S = 10.0
 PRUNE_BATCH = 5000
+# Pings (`POST /v1/endpoints/{id}/test`) in flight at once from one API process.
+PING_CONNECTIONS = 8
 
 # The API. Each handler declares its operation (`@operation`, service/api/operations.py), and
 # GET /v1/openapi.json documents every one the app serves.
@@ -87,6 +91,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(refusal_ledger)
     app.cleanup_ctx.append(_group_commits)
     app.cleanup_ctx.append(_partition_maintenance)
+    app.cleanup_ctx.append(_notify_http)
     for routes in API_ROUTES:
         app.add_routes(routes)
     app.add_subapp("/dashboard", create_dashboard(_dashboard_options(settings)))
@@ -127,6 +132,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINE].dispose()
     if app[READ_ENGINE] is not app[ENGINE]:
         await app[READ_ENGINE].dispose()
+
+
+async def _notify_http(app: web.Application) -> AsyncIterator[None]:
+    """The client of endpoint pings, made as the sender's are (the address checked at send)."""
+    async with sending.client_session(PING_CONNECTIONS) as session:
+        app[NOTIFY_HTTP] = session
+        yield
 
 
 async def _partition_maintenance(app: web.Application) -> AsyncIterator[None]:
@@ -175,22 +187,30 @@ async def _maintain_partitions(app: web.Application) -> None:
         log.info("partitions.maintained", **done.as_json())
 
 
+Prune = Callable[[AsyncConnection, int, int], Awaitable[int]]
+
+
 async def _prune_changes(app: web.Application) -> None:
-    """The change feed past CHANGE_RETENTION_DAYS, deleted in small transactions: a long one
-    would hold every feed reader back for as long as it ran."""
+    """The change feed past CHANGE_RETENTION_DAYS, and the notification attempts that sent it.
+    Deleted in small transactions: a long one would hold every feed reader back while it ran."""
+    await _prune_in_batches(app, "changes", change_feed.prune)
+    await _prune_in_batches(app, "notify_attempts", notify.prune_attempts)
+
+
+async def _prune_in_batches(app: web.Application, what: str, prune: Prune) -> None:
     keep_days, deleted = app[SETTINGS].change_retention_days, 0
     try:
         while True:
             async with app[ENGINE].begin() as conn:
-                batch = await change_feed.prune(conn, keep_days=keep_days, batch=PRUNE_BATCH)
+                batch = await prune(conn, keep_days, PRUNE_BATCH)
             deleted += batch
             if batch < PRUNE_BATCH:
                 break
     except Exception:
-        log.exception("changes.prune_failed", deleted=deleted)
+        log.exception("retention.prune_failed", table=what, deleted=deleted)
         return
     if deleted:
-        log.info("changes.pruned", deleted=deleted)
+        log.info("retention.pruned", table=what, deleted=deleted)
 
 
 async def _group_commits(app: web.Application) -> AsyncIterator[None]:

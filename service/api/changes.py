@@ -6,7 +6,9 @@ callers, checked strictly when it comes back.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from aiohttp import web
 from sqlalchemy.engine import RowMapping
@@ -57,22 +59,29 @@ async def read_page(
     conn: AsyncConnection, after: Position | None, limit: int, where: ChangeFilter
 ) -> feed.FeedPage:
     """`feed.read`, with an expired cursor answered as the 410 it is."""
-    try:
+    with cursor_errors():
         return await feed.read(conn, after, limit, where)
+
+
+@contextlib.contextmanager
+def cursor_errors(name: str = "after") -> Iterator[None]:
+    """A cursor from another server answered as a 400, one retention passed as a 410."""
+    try:
+        yield
     except feed.CursorUnknown:
         raise BadRequest.invalid(
-            "after: not a cursor this feed gave (after a restore into another server, read "
-            "again without `after`)",
-            "after",
+            f"{name}: not a cursor this feed gave (after a restore into another server, read "
+            f"again without `{name}`)",
+            name,
         ) from None
     except feed.CursorExpired:
         raise Gone(
             ErrorDetail(
                 "validation",
                 "cursor_expired",
-                "after: changes after this cursor were deleted by retention; read again "
-                "without `after` (from the oldest change kept)",
-                "after",
+                f"{name}: changes after this cursor were deleted by retention; read again "
+                f"without `{name}` (from the oldest change kept)",
+                name,
             )
         ) from None
 

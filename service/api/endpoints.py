@@ -1,4 +1,5 @@
-"""/v1/endpoints: the registry of consumers' notification endpoints (nothing is sent yet).
+"""/v1/endpoints: the registry of consumers' notification endpoints, what was sent to each,
+and asking for sends (a replay, a ping).
 
 An endpoint belongs to the client whose token made it: a client sees and changes its own only
 (another's is a 404, as if it were not there); an `ops` token sees and changes every one. The
@@ -10,21 +11,34 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Self
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from service.api.auth import CLIENT, Forbidden, has_scope
 from service.api.body import read_json
+from service.api.changes import cursor_errors, decode_cursor, encode_cursor
 from service.api.errors import ErrorDetail, NotFound, ValidationFailed
-from service.api.keys import ENGINE, SETTINGS
+from service.api.keys import ENGINE, NOTIFY_HTTP, SETTINGS
 from service.api.operations import JSON_BODY_ERRORS, Answer, Param, json_answer, operation
-from service.api.schemas import parse_body, path_id
+from service.api.schemas import QueryInt, parse_body, parse_query, path_id
 from service.api.subscriptions import READERS
+from service.db import changes as feed
 from service.db import endpoints as queries
+from service.db import notify
 from service.db.endpoints import NewEndpoint
+from service.db.notify import Attempt
+from service.db.tables import BIGINT_MAX
 from service.domain.access import Scope
 from service.domain.changes import ChangeType
 from service.domain.endpoints import (
@@ -39,6 +53,8 @@ from service.domain.endpoints import (
     parse_url,
     refused_address,
 )
+from service.domain.notifications import PING_TYPE, NotifyOutcome, ping
+from service.notify import sending
 
 routes = web.RouteTableDef()
 
@@ -129,7 +145,7 @@ class EndpointList(BaseModel):
     body=EndpointIn,
     description=(
         "The answer holds the endpoint's signing secret, which is never shown again (rotate "
-        "it to get a new one). Notifications are not sent yet: this is the registry only."
+        "it to get a new one). It receives what commits from now on."
     ),
     answers={201: Answer(EndpointWithSecret, "The endpoint, `enabled`, with its secret")},
     errors=JSON_BODY_ERRORS,
@@ -273,8 +289,166 @@ async def rotate_secret(request: web.Request) -> web.Response:
 )
 async def enable_endpoint(request: web.Request) -> web.Response:
     async with request.app[ENGINE].begin() as conn:
-        row = await queries.enable_endpoint(conn, endpoint_id_of(request), _owner(request))
+        row = await queries.enable_endpoint(
+            conn, endpoint_id_of(request), _owner(request), datetime.now(UTC)
+        )
     return _endpoint_answer(row)
+
+
+class ReplayIn(BaseModel):
+    """Exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: str | None = Field(default=None, description="a change feed cursor: after it")
+    since: AwareDatetime | None = Field(
+        default=None, description="the changes made since then (RFC 3339, with its offset)"
+    )
+
+    @model_validator(mode="after")
+    def _one_of_them(self) -> Self:
+        if (self.after is None) == (self.since is None):
+            raise ValueError("give `after` or `since`, one of them")
+        return self
+
+    @field_validator("since")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:  # year 1 with an offset east of UTC
+            raise ValueError("is out of range") from None
+
+
+class ReplayOut(BaseModel):
+    endpoint_id: uuid.UUID
+    replaying_after: str | None = Field(
+        description="the cursor after which its changes are sent again; null: none is that "
+        "recent, nothing to send"
+    )
+
+
+class NotifyAttemptOut(BaseModel):
+    id: int
+    message_id: str = Field(description="`webhook-id`: `chg_...` for a change, `ping_...`")
+    subscription_id: uuid.UUID | None
+    type: str
+    attempt: int = Field(description="1 for the first send of the message, then each retry")
+    outcome: NotifyOutcome
+    status_code: int | None
+    latency_ms: float
+    response: str | None = Field(description="the first 4 KiB of the answer's body")
+    attempted_at: datetime
+
+
+class NotifyAttemptList(BaseModel):
+    items: list[NotifyAttemptOut] = Field(description="newest first")
+    next_before: int | None = Field(
+        description="pass it as `before` for the next page; null: no more"
+    )
+
+
+class AttemptsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    before: QueryInt | None = Field(
+        default=None, ge=1, le=BIGINT_MAX, description="older than this attempt"
+    )
+    limit: QueryInt = Field(default=50, ge=1, le=500)
+
+
+@routes.post("/v1/endpoints/{id}/replay")
+@operation(
+    "Send an endpoint's changes again",
+    tag=TAG,
+    scopes=WRITERS,
+    path_params=ENDPOINT_ID,
+    body=ReplayIn,
+    description=(
+        "Every change the endpoint wants after the cursor `after`, or made since `since`, is "
+        "sent again, in order per subscription and with its own `webhook-id` (so a consumer "
+        "that already has one can tell). A change still waiting to be sent is sent once."
+    ),
+    answers={202: Answer(ReplayOut, "Queued for sending")},
+    errors=(404, 410, *JSON_BODY_ERRORS),
+)
+async def replay_endpoint(request: web.Request) -> web.Response:
+    endpoint_id, owner = endpoint_id_of(request), _owner(request)
+    body: ReplayIn = parse_body(ReplayIn, await read_json(request))
+    asked = decode_cursor(body.after) if body.after is not None else None
+    async with request.app[ENGINE].begin() as conn:
+        if await queries.get_endpoint(conn, endpoint_id, owner) is None:
+            raise NotFound.resource("endpoint")
+        if body.since is not None:
+            asked = await feed.position_before(conn, body.since)
+        if asked is not None:
+            with cursor_errors():
+                await feed.check(conn, asked)
+            await queries.rewind(conn, endpoint_id, asked)
+    after = encode_cursor(asked) if asked is not None else None
+    return json_answer(ReplayOut(endpoint_id=endpoint_id, replaying_after=after), status=202)
+
+
+@routes.post("/v1/endpoints/{id}/test")
+@operation(
+    "Send a ping to an endpoint now",
+    tag=TAG,
+    scopes=WRITERS,
+    path_params=ENDPOINT_ID,
+    description=(
+        'A `ping` (`{"type": "ping", ...}`), signed as every notification is, sent '
+        "now, disabled endpoints too; the answer is the attempt. It changes nothing of the "
+        "endpoint, whatever the consumer answers."
+    ),
+    answers={200: Answer(NotifyAttemptOut, "The attempt, as `attempts` will show it")},
+    errors=(404,),
+)
+async def ping_endpoint(request: web.Request) -> web.Response:
+    endpoint_id, settings = endpoint_id_of(request), request.app[SETTINGS]
+    async with request.app[ENGINE].connect() as conn:
+        target = await queries.target_of(conn, endpoint_id, _owner(request))
+    if target is None:
+        raise NotFound.resource("endpoint")
+    now = datetime.now(UTC)
+    message_id, body = ping(endpoint_id, now)
+    answer = await sending.post(
+        request.app[NOTIFY_HTTP],
+        target.url,
+        message_id=message_id,
+        body=body,
+        secrets=target.secrets,
+        timeout_s=settings.notify_timeout_s,
+        allowed_hosts=settings.notify_allowed_hosts,
+    )
+    attempt = Attempt.of(target.endpoint_id, message_id, None, PING_TYPE, 1, answer, now)
+    async with request.app[ENGINE].begin() as conn:
+        (row,) = await notify.record_attempts(conn, [attempt])
+    return json_answer(NotifyAttemptOut.model_validate(dict(row)))
+
+
+@routes.get("/v1/endpoints/{id}/attempts")
+@operation(
+    "An endpoint's send attempts, newest first",
+    tag=TAG,
+    scopes=READERS,
+    path_params=ENDPOINT_ID,
+    query=AttemptsQuery,
+    description="Every send, retries and pings too, kept as long as the change feed.",
+    answers={200: Answer(NotifyAttemptList, "A page of attempts")},
+    errors=(400, 404),
+)
+async def list_endpoint_attempts(request: web.Request) -> web.Response:
+    endpoint_id = endpoint_id_of(request)
+    query: AttemptsQuery = parse_query(AttemptsQuery, request.query)
+    async with request.app[ENGINE].connect() as conn:
+        if await queries.get_endpoint(conn, endpoint_id, _owner(request)) is None:
+            raise NotFound.resource("endpoint")
+        rows = await queries.list_attempts(
+            conn, endpoint_id, before=query.before, limit=query.limit
+        )
+    items = [NotifyAttemptOut.model_validate(dict(row)) for row in rows]
+    more = items[-1].id if len(items) == query.limit else None
+    return json_answer(NotifyAttemptList(items=items, next_before=more))
 
 
 async def checked_url(request: web.Request, raw: str) -> str:

@@ -1,5 +1,6 @@
 """Typed keys for what the app shares between handlers."""
 
+import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,3 +20,5 @@ VERIFIER = web.AppKey("verifier", SignatureVerifier)
 # Group commit of webhook deliveries, and of single subscribes.
 DELIVERY_COMMITS: web.AppKey[GroupCommit[Incoming, FiledDelivery]] = web.AppKey("deliveries")
 SUBSCRIBE_COMMITS: web.AppKey[GroupCommit[NewSubscription, Subscribed]] = web.AppKey("subscribes")
+# Where `POST /v1/endpoints/{id}/test` sends its ping from.
+NOTIFY_HTTP = web.AppKey("notify_http", aiohttp.ClientSession)

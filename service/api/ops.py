@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -73,6 +74,22 @@ class DispatchSummary(BaseModel):
     pause_reason: dict[str, Any] | None
 
 
+class DisabledEndpoint(BaseModel):
+    id: uuid.UUID
+    created_by: str
+    disabled_reason: str | None
+    since: datetime
+
+
+class NotificationsSummary(BaseModel):
+    endpoints: dict[str, int] = Field(description="by state: enabled, disabled")
+    queued: int = Field(description="notifications waiting to be sent, to any endpoint")
+    disabled: list[DisabledEndpoint] = Field(
+        description="endpoints the sender disabled (a 410, or a message's last retry failed), "
+        "newest first, at most 20; `POST /v1/endpoints/{id}/enable` resumes one"
+    )
+
+
 class OpsSummary(BaseModel):
     by_state: dict[str, int]
     by_status_code: dict[str, int]
@@ -85,6 +102,7 @@ class OpsSummary(BaseModel):
     refusals_unstored_last_hour: dict[str, int] = Field(
         description="refused webhooks counted but not stored (past the sample), by reason"
     )
+    notifications: NotificationsSummary
     as_of: datetime
 
 

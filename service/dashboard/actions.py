@@ -14,9 +14,9 @@ from service.dashboard.keys import VIEWER
 from service.dashboard.pages import NO_ERROR_CODE, subscription_id_of
 from service.dashboard.render import Refused, local_target, redirect
 from service.db import deliveries, ops
-from service.db.dashboard import BIGINT_MAX
 from service.db.dashboard_sessions import set_flash
 from service.db.subscriptions import retry_failed
+from service.db.tables import BIGINT_MAX
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()

@@ -19,13 +19,14 @@ from service.dashboard.charts import STATE_COLORS, BarChart, bar_chart
 from service.dashboard.keys import SUMMARY
 from service.dashboard.render import HOME, Refused, page, redirect
 from service.db import dispatch, ops
-from service.db.dashboard import BIGINT_MAX, DeliveryFilter, recent_deliveries
+from service.db.dashboard import DeliveryFilter, recent_deliveries
 from service.db.subscriptions import (
     SubscriptionFilter,
     get_subscription,
     list_events,
     list_subscriptions,
 )
+from service.db.tables import BIGINT_MAX
 from service.domain.deliveries import DeliveryOutcome
 from service.domain.subscriptions import SubscriptionState
 

@@ -20,6 +20,7 @@ Positions go to callers as opaque cursors (`service/api/changes.py`).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -43,6 +44,8 @@ CHANGES_CHANNEL = "changes"
 # bounded read: its cursor moves past what it scanned, and the next page goes on from there.
 SCAN_LIMIT = 10_000
 _LAST_ID = 2**63 - 1
+# How often `settled` looks whether older transactions have ended.
+SETTLE_POLL_S = 0.01
 
 
 class Position(NamedTuple):
@@ -111,11 +114,7 @@ async def read(
 ) -> FeedPage:
     """The changes after `after` (None: the oldest kept) that `where` lets through, in commit
     order, at most `limit`. `conn` must be in a `snapshot`."""
-    horizon, begun, pruned_txid, pruned_id = (await conn.execute(_HORIZON_AND_PRUNED)).one()
-    if after is not None and after.txid >= begun:
-        raise CursorUnknown(after)
-    if after is not None and after < Position(pruned_txid, pruned_id):
-        raise CursorExpired(after)
+    horizon = await check(conn, after)
     start = after or START
     visible = [_position() > _literal(start), changes.c.txid < horizon]
     scanned_to = None
@@ -135,6 +134,33 @@ async def read(
     if scanned_to is not None:
         return FeedPage(rows, scanned_to, horizon, at_edge=False)
     return FeedPage(rows, max(start, edge(horizon)), horizon, at_edge=True)
+
+
+async def check(conn: AsyncConnection, position: Position | None) -> int:
+    """The horizon, if `position` is one to read after: raises CursorUnknown when it is past
+    every transaction begun, CursorExpired when retention deleted changes after it."""
+    horizon, begun, pruned_txid, pruned_id = (await conn.execute(_HORIZON_AND_PRUNED)).one()
+    if position is not None and position.txid >= begun:
+        raise CursorUnknown(position)
+    if position is not None and position < Position(pruned_txid, pruned_id):
+        raise CursorExpired(position)
+    horizon_txid: int = horizon
+    return horizon_txid
+
+
+async def position_before(conn: AsyncConnection, since: datetime) -> Position | None:
+    """The position just before the first change (in feed order) made at or after `since`:
+    reading after it gives every change since then (and some a little older, made by
+    transactions that committed later). None when no change is that recent."""
+    first = (
+        await conn.execute(
+            sa.select(changes.c.txid, changes.c.id)
+            .where(changes.c.occurred_at >= since)
+            .order_by(changes.c.txid, changes.c.id)
+            .limit(1)
+        )
+    ).first()
+    return None if first is None else Position(first.txid, first.id - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +235,19 @@ async def opening(conn: AsyncConnection) -> tuple[Position, Committed]:
 _CURRENT_SNAPSHOT = sa.text("SELECT CAST(pg_current_snapshot() AS text)")
 # The next transaction id to be assigned, as a bigint: for a raw asyncpg connection.
 NEXT_TXID_SQL = "SELECT CAST(CAST(pg_snapshot_xmax(pg_current_snapshot()) AS text) AS bigint)"
+
+
+async def settled(engine: AsyncEngine, timeout_s: float) -> bool:
+    """Wait until every transaction begun before now has ended, so what they committed is in
+    the feed; False if one still runs after `timeout_s` (for drains: tests, one-off runs)."""
+    async with engine.connect() as conn:
+        begun = await conn.scalar(sa.text(NEXT_TXID_SQL))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while await _horizon(conn) < begun:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL_S)
+    return True
 
 
 async def _horizon(conn: AsyncConnection) -> int:
@@ -321,7 +360,7 @@ async def note_stale(
     return await note(conn, [(row.id, ChangeType.STALE) for row in silent])
 
 
-async def prune(conn: AsyncConnection, *, keep_days: int, batch: int) -> int:
+async def prune(conn: AsyncConnection, keep_days: int, batch: int) -> int:
     """Delete up to `batch` changes older than `keep_days`, and remember the newest position
     deleted. Callers commit each batch on its own: a long transaction holds the feed back."""
     gone = (

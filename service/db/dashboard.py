@@ -11,9 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.db.tables import webhook_deliveries
 from service.domain.deliveries import DeliveryOutcome
 
-# Delivery ids are PostgreSQL bigints: a larger number names no delivery (and no query takes it).
-BIGINT_MAX = 2**63 - 1
-
 DELIVERY_COLUMNS = (
     webhook_deliveries.c.id,
     webhook_deliveries.c.received_at,

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.db import notify
 from service.db.dispatch import backlog, current_pause
 from service.db.subscriptions import PUBLIC_COLUMNS
 from service.db.tables import (
@@ -48,6 +49,7 @@ async def summary(conn: AsyncConnection) -> dict[str, Any]:
         "failures_by_error_code": failures_by_error_code,
         "deliveries_last_hour": await _deliveries_last_hour(conn),
         "refusals_unstored_last_hour": await _refusals_unstored_last_hour(conn),
+        "notifications": await notify.summary(conn),
     }
 
 

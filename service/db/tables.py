@@ -15,6 +15,9 @@ from service.domain.endpoints import EndpointState
 from service.domain.subscriptions import SubscriptionState
 from service.domain.tracking import EVENT_FIELD_TYPES
 
+# A PostgreSQL bigint's largest value: a larger id names no row (and no query takes it).
+BIGINT_MAX = 2**63 - 1
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -431,6 +434,10 @@ notify_endpoints = sa.Table(
     sa.Column("rate_limit_per_s", sa.Float),
     # Why the sender disabled it; cleared by `enable`.
     sa.Column("disabled_reason", sa.Text),
+    # Until when a consumer's 429 or 503 with Retry-After holds its sends back.
+    _timestamp("paused_until"),
+    # With `rate_limit_per_s`: when the next send may go, whichever worker sends it.
+    _timestamp("next_send_at"),
     _created_at(),
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
@@ -438,3 +445,88 @@ notify_endpoints = sa.Table(
     sa.CheckConstraint(f"state IN ({_quoted(EndpointState)})", name="state"),
 )
 sa.Index("ix_notify_endpoints_created_by", notify_endpoints.c.created_by)
+
+
+def _endpoint_id() -> sa.Column[object]:
+    return sa.Column(
+        "endpoint_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("notify_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    )
+
+
+# How far each endpoint has taken changes from the feed into its queue (`changes.Position`).
+notify_cursors = sa.Table(
+    "notify_cursors",
+    metadata,
+    sa.Column(
+        "endpoint_id",
+        pg.UUID(as_uuid=True),
+        sa.ForeignKey("notify_endpoints.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("txid", sa.BigInteger, nullable=False),
+    sa.Column("change_id", sa.BigInteger, nullable=False),
+)
+
+# Changes waiting to be sent to an endpoint, the body as the feed shows it; deleted once sent.
+notify_messages = sa.Table(
+    "notify_messages",
+    metadata,
+    _endpoint_id(),
+    sa.Column("change_id", sa.BigInteger, nullable=False),
+    sa.Column("subscription_id", pg.UUID(as_uuid=True), nullable=False),
+    sa.Column("sequence", sa.Integer, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column(
+        "queued_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.PrimaryKeyConstraint("endpoint_id", "change_id"),
+)
+sa.Index(
+    "ix_notify_messages_lane",
+    notify_messages.c.endpoint_id,
+    notify_messages.c.subscription_id,
+    notify_messages.c.sequence,
+)
+
+# A subscription's queue at an endpoint: its oldest message is the only one sent, so the
+# subscription's changes arrive in order. `pending` counts its messages (a lane goes when it
+# reaches 0); `failures` those of the message being sent; `claim_token` is set while a worker
+# sends, and `next_attempt_at` is then the end of its lease.
+notify_lanes = sa.Table(
+    "notify_lanes",
+    metadata,
+    _endpoint_id(),
+    sa.Column("subscription_id", pg.UUID(as_uuid=True), nullable=False),
+    sa.Column("pending", sa.Integer, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False, server_default=sa.text("0")),
+    _timestamp("next_attempt_at", nullable=False),
+    sa.Column("claim_token", pg.UUID(as_uuid=True)),
+    sa.PrimaryKeyConstraint("endpoint_id", "subscription_id"),
+    sa.CheckConstraint("pending >= 0", name="pending"),
+)
+sa.Index("ix_notify_lanes_due", notify_lanes.c.endpoint_id, notify_lanes.c.next_attempt_at)
+
+# Every send to an endpoint and how it went (`NotifyOutcome`), kept as long as the feed.
+notify_attempts = sa.Table(
+    "notify_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    _endpoint_id(),
+    sa.Column("message_id", sa.Text, nullable=False),  # `webhook-id`
+    sa.Column("subscription_id", pg.UUID(as_uuid=True)),  # NULL: a ping
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("response", sa.Text),  # the answer's first 4 KiB
+    sa.Column(
+        "attempted_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+sa.Index("ix_notify_attempts_endpoint", notify_attempts.c.endpoint_id, notify_attempts.c.id)
+sa.Index("ix_notify_attempts_attempted_at", notify_attempts.c.attempted_at, postgresql_using="brin")

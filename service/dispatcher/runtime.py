@@ -1,4 +1,5 @@
-"""Building and running the dispatcher: alone (`python -m service dispatcher`) or in the API."""
+"""Building and running the dispatcher, with the reconciler and the notifier beside it: alone
+(`python -m service dispatcher`) or in the API."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from datetime import datetime
 import aiohttp
 import structlog
 from aiohttp import web
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import health
+from service.api.changes import change_out
 from service.api.keys import ENGINE, METRICS, SETTINGS
 from service.api.metrics_access import SCRAPE_ACCESS, ScrapeAccess
 from service.db.engine import engine_from
@@ -22,6 +25,8 @@ from service.dispatcher.worker import Dispatcher
 from service.domain.subscriptions import RetryPolicy
 from service.domain.tracking import SILENCE_BEFORE_POLL_S
 from service.metrics import Metrics
+from service.notify import sending
+from service.notify.worker import Clock, Notifier, wall_clock
 from service.settings import Settings, mask_url
 from service.shipengine.client import ShipEngineClient
 
@@ -92,17 +97,50 @@ def build_reconciler(
     )
 
 
+def build_notifier(
+    settings: Settings,
+    engine: AsyncEngine,
+    session: aiohttp.ClientSession,
+    metrics: Metrics | None = None,
+    clock: Clock = wall_clock,
+) -> Notifier:
+    return Notifier(
+        engine,
+        session,
+        database_url=settings.database_url,
+        render=render_change,
+        per_endpoint=settings.notify_concurrency_per_endpoint,
+        slots=settings.notify_concurrency,
+        timeout_s=settings.notify_timeout_s,
+        lease_s=settings.notify_lease_s,
+        backlog=settings.notify_queue_per_endpoint,
+        allowed_hosts=settings.notify_allowed_hosts,
+        metrics=metrics or Metrics(),
+        clock=clock,
+    )
+
+
+def render_change(change: RowMapping) -> bytes:
+    """A notification's body: the change exactly as the feed shows it."""
+    return change_out(change).model_dump_json().encode()
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, engine: AsyncEngine, metrics: Metrics
 ) -> AsyncIterator[Dispatcher]:
     """A dispatcher running in the background; on exit it stops and finishes in-flight calls."""
-    async with shipengine_session(settings) as session:
+    async with (
+        shipengine_session(settings) as session,
+        sending.client_session(settings.notify_concurrency) as notify_session,
+    ):
         dispatcher = build_dispatcher(settings, engine, session, metrics)
         reconciler = build_reconciler(settings, engine, session, metrics)
+        notifier = build_notifier(settings, engine, notify_session, metrics)
         tasks = [
             asyncio.create_task(dispatcher.run(), name="dispatcher"),
             asyncio.create_task(reconciler.run(), name="reconciler"),
+            asyncio.create_task(notifier.run(), name="notifier"),
         ]
         log.info("dispatcher.started", shipengine=settings.shipengine_base_url)
         try:
@@ -110,6 +148,7 @@ async def running(
         finally:
             dispatcher.stop()
             reconciler.stop()
+            notifier.stop()
             await asyncio.gather(*tasks)
             log.info("dispatcher.stopped")
 

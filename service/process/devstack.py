@@ -3,7 +3,8 @@
 With no DATABASE_URL, an embedded PostgreSQL keeps its data under `.data/`; with no
 SHIPENGINE_API_KEY, the ShipEngine simulator plays ShipEngine. The service's webhook URL is
 registered with whichever ShipEngine is in use only when it is the simulator: registering with
-the real one is a deliberate act (see the README).
+the real one is a deliberate act (see the README). A local consumer (port 8092, or
+LOCAL_CONSUMER_PORT) is registered for every client's changes and prints what it is sent.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import structlog
 from aiohttp import web
 
 from service.api.app import create_app
+from service.db import endpoints
 from service.db.engine import engine_from
 from service.db.migrate import upgrade
 from service.db.tokens import create_token
 from service.dispatcher import runtime as dispatcher_runtime
 from service.domain.access import Scope
 from service.logs import configure_logging
+from service.notify.local_consumer import create_local_consumer
 from service.settings import Settings
 from service.shipengine.client import ShipEngineClient
 from service.simulator.app import create_simulator_app
@@ -33,6 +36,7 @@ from service.simulator.config import SimulatorConfig
 log = structlog.get_logger(__name__)
 
 DATA_DIR = Path(".data")
+LOCAL_CONSUMER_PORT = 8092
 
 
 async def run(environ: Mapping[str, str]) -> None:
@@ -68,7 +72,12 @@ async def run(environ: Mapping[str, str]) -> None:
         api_url = f"http://{_reachable(settings.host)}:{settings.port}"
         if simulator is not None:
             await _register_webhook(simulator, f"{api_url}/v1/webhooks/shipengine")
-        _print_welcome(api_url, settings, token)
+        consumer_url = f"http://{_reachable(settings.host)}:{_consumer_port(env)}/notifications"
+        secret = await _local_endpoint(settings, consumer_url)
+        runners.append(
+            await _serve(create_local_consumer(secret), settings.host, _consumer_port(env))
+        )
+        _print_welcome(api_url, settings, token, consumer_url)
         await stop.wait()
     finally:
         for runner in reversed(runners):
@@ -108,6 +117,21 @@ async def _register_webhook(simulator: SimulatorConfig, url: str) -> None:
     log.info("devstack.webhook_registered", url=url)
 
 
+def _consumer_port(env: Mapping[str, str]) -> int:
+    return int(env.get("LOCAL_CONSUMER_PORT", str(LOCAL_CONSUMER_PORT)))
+
+
+async def _local_endpoint(settings: Settings, url: str) -> str:
+    """The local consumer's endpoint (every client's changes), made on the first run; its
+    secret, for the consumer to check signatures with."""
+    engine = engine_from(dataclasses.replace(settings, database_pool_size=1))
+    try:
+        async with engine.begin() as conn:
+            return await endpoints.local_endpoint_secret(conn, url, created_by="local")
+    finally:
+        await engine.dispose()
+
+
 async def _local_token(settings: Settings) -> str:
     """A token with every scope for this run, as `python -m service tokens create` makes."""
     engine = engine_from(dataclasses.replace(settings, database_pool_size=1))
@@ -119,7 +143,7 @@ async def _local_token(settings: Settings) -> str:
     return issued.plaintext
 
 
-def _print_welcome(api_url: str, settings: Settings, token: str) -> None:
+def _print_welcome(api_url: str, settings: Settings, token: str, consumer_url: str) -> None:
     body = '{"carrier_code": "stamps_com", "tracking_number": "9405511899223197428490"}'
     print(
         f"""
@@ -127,6 +151,7 @@ Shipment tracking service is up.
   API:        {api_url}   (health: {api_url}/healthz, readiness: {api_url}/readyz)
   ShipEngine: {settings.shipengine_base_url}
   Token:      {token}   (every scope; this run's, for local use)
+  Consumer:   {consumer_url}   (a registered endpoint: it prints each change pushed to it)
 
 Try it:
   export TOKEN={token}

@@ -18,6 +18,7 @@ from service.api.keys import ENGINE, SETTINGS
 from service.api.operations import JSON_BODY_ERRORS, Answer, operation
 from service.api.schemas import DELIVERY_ID, ReplayRangeResult, ReplayResult, parse_body
 from service.db import deliveries
+from service.db.tables import BIGINT_MAX
 from service.domain.access import Scope
 
 routes = web.RouteTableDef()
@@ -98,9 +99,6 @@ async def replay_range(request: web.Request) -> web.Response:
                 for filed in await deliveries.replay(conn, chunk, rearm):
                     outcomes[filed.outcome] = outcomes.get(filed.outcome, 0) + 1
     return web.json_response({"dry_run": wanted.dry_run, "matched": len(ids), "outcomes": outcomes})
-
-
-BIGINT_MAX = 2**63 - 1
 
 
 def _delivery_id(request: web.Request) -> int:

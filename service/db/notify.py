@@ -1,0 +1,610 @@
+"""Notification delivery's statements: following the change feed into each endpoint's queue,
+claiming lanes to send, and recording what each send did.
+
+An endpoint's queue is filled from the feed by whichever worker holds the fan-out lock (one at
+a time, so workers woken together do not all read the same changes), up to `backlog` messages:
+past that, what an endpoint has not taken waits in the feed, which keeps it for the feed's
+retention. So a consumer that is down costs a bounded queue, not a copy of every change.
+
+A lane (an endpoint's queue of one subscription) sends only its oldest message: a
+subscription's changes arrive in `sequence` order, while the other lanes go on. Claiming a
+lane leases it, as the dispatcher's claims are leased: a worker that dies mid-send loses
+nothing, the lease runs out and another sends the message again (at least once).
+
+`now` is the sender's clock, passed to every statement, so tests can move it by a day.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import changes
+from service.db.changes import ChangeFilter, Position
+from service.db.driver import bytea_text, driver_connection, json_rows, named_statements
+from service.db.tables import (
+    notify_attempts,
+    notify_cursors,
+    notify_endpoints,
+    notify_lanes,
+)
+from service.domain.endpoints import EndpointState
+from service.domain.notifications import SEND_AHEAD_S, Answer, secrets_in_force
+
+log = structlog.get_logger(__name__)
+
+# What wakes the senders when an endpoint may send again (enabled, replayed), at commit.
+WAKE_CHANNEL = "notify_wake"
+# The fan-out lock's key (pg_advisory_xact_lock): any fixed number no other lock here uses.
+FAN_OUT_LOCK = 0x6E6F74696679  # "notify"
+
+Render = Callable[[RowMapping], bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An endpoint as a send needs it."""
+
+    endpoint_id: uuid.UUID
+    url: str
+    secrets: tuple[str, ...] = dataclasses.field(repr=False)  # the first is the current one
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    """A claimed lane's oldest message, to send at `send_at`."""
+
+    target: Target
+    subscription_id: uuid.UUID
+    claim_token: uuid.UUID
+    failures: int  # of this message so far
+    change_id: int
+    type: str
+    body: bytes = dataclasses.field(repr=False)
+    send_at: datetime
+
+    @property
+    def message_id(self) -> str:
+        return f"chg_{self.change_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One send and how it went, as `notify_attempts` keeps it."""
+
+    endpoint_id: uuid.UUID
+    message_id: str
+    subscription_id: uuid.UUID | None
+    type: str
+    attempt: int
+    outcome: str
+    status_code: int | None
+    latency_ms: float
+    response: str | None = dataclasses.field(repr=False)
+    attempted_at: datetime
+
+    @classmethod
+    def of(
+        cls,
+        endpoint_id: uuid.UUID,
+        message_id: str,
+        subscription_id: uuid.UUID | None,
+        type: str,
+        attempt: int,
+        answer: Answer,
+        at: datetime,
+    ) -> Attempt:
+        return cls(
+            endpoint_id=endpoint_id,
+            message_id=message_id,
+            subscription_id=subscription_id,
+            type=type,
+            attempt=attempt,
+            outcome=answer.outcome.value,
+            status_code=answer.status_code,
+            latency_ms=round(answer.latency_ms, 3),
+            response=answer.response,
+            attempted_at=at,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A claimed send, done: its attempt, and what follows for its lane and endpoint."""
+
+    send: Send
+    attempt: Attempt
+    delivered: bool
+    failures: int  # of the message after this attempt
+    next_attempt_at: datetime  # of the lane: now when delivered, else the retry or pause
+    disable: str | None = None
+    pause_until: datetime | None = None
+
+
+# -- following the feed ------------------------------------------------------------------------
+
+
+async def fan_out(
+    engine: AsyncEngine, *, now: datetime, page: int, backlog: int, render: Render
+) -> int:
+    """Queue what every enabled endpoint wants of the feed past its cursor, a page at most
+    each; return how many messages were queued (0 too when another worker is at it)."""
+    async with engine.begin() as conn:
+        if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(FAN_OUT_LOCK))):
+            return 0
+        followers = await _followers(conn, backlog)
+        if not followers:
+            return 0
+        # The feed is read in a snapshot of its own; this transaction writes only at the end,
+        # so it holds no transaction id (and so the feed's horizon) back while the feed is read.
+        async with changes.snapshot(engine) as feed:
+            messages, cursors = await _read_for(feed, followers, page, render)
+        if not cursors:
+            return 0
+        db = await driver_connection(conn)
+        result = await _ENQUEUE.fetch(
+            db,
+            messages=json_rows(messages),
+            cursors=json_rows(cursors),
+            now=now,
+        )
+        queued: int = result[0]["queued"]
+        return queued
+
+
+@dataclasses.dataclass(frozen=True)
+class _Follower:
+    endpoint_id: uuid.UUID
+    position: Position
+    created_by: str | None  # None: every client's
+    types: frozenset[str] | None  # None: every type
+
+    def wants(self, change: RowMapping) -> bool:
+        return (self.created_by is None or change["created_by"] == self.created_by) and (
+            self.types is None or change["type"] in self.types
+        )
+
+
+async def _followers(conn: AsyncConnection, backlog: int) -> list[_Follower]:
+    """Enabled endpoints whose queue has room."""
+    queued = (
+        sa.select(sa.func.coalesce(sa.func.sum(notify_lanes.c.pending), 0))
+        .where(notify_lanes.c.endpoint_id == notify_endpoints.c.id)
+        .scalar_subquery()
+    )
+    query = (
+        sa.select(
+            notify_endpoints.c.id,
+            notify_endpoints.c.created_by,
+            notify_endpoints.c.all_clients,
+            notify_endpoints.c.types,
+            notify_cursors.c.txid,
+            notify_cursors.c.change_id,
+        )
+        .join_from(notify_endpoints, notify_cursors)
+        .where(notify_endpoints.c.state == EndpointState.ENABLED.value, queued < backlog)
+    )
+    return [
+        _Follower(
+            row.id,
+            Position(row.txid, row.change_id),
+            None if row.all_clients else row.created_by,
+            frozenset(row.types) if row.types is not None else None,
+        )
+        for row in await conn.execute(query)
+    ]
+
+
+async def _read_for(
+    feed: AsyncConnection, followers: list[_Follower], page: int, render: Render
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The messages to queue and the cursors to move: the feed read once per position that
+    endpoints share (most share the edge), each change rendered once."""
+    edge = await changes.current_edge(feed)
+    by_position: dict[Position, list[_Follower]] = {}
+    for follower in followers:
+        if follower.position < edge:
+            by_position.setdefault(follower.position, []).append(follower)
+    messages: list[dict[str, Any]] = []
+    cursors: list[dict[str, Any]] = []
+    bodies: dict[int, str] = {}
+    for position, sharing in by_position.items():
+        read = await _read_page(feed, position, page, sharing)
+        for follower in sharing:
+            for change in read.changes:
+                if not follower.wants(change):
+                    continue
+                if change["id"] not in bodies:
+                    bodies[change["id"]] = bytea_text(render(change))
+                messages.append(_message(follower.endpoint_id, change, bodies[change["id"]]))
+            cursors.append(
+                {
+                    "endpoint_id": follower.endpoint_id,
+                    "txid": read.next.txid,
+                    "change_id": read.next.change_id,
+                }
+            )
+    return messages, cursors
+
+
+async def _read_page(
+    feed: AsyncConnection, position: Position, page: int, sharing: list[_Follower]
+) -> changes.FeedPage:
+    try:
+        return await changes.read(feed, position, page, ChangeFilter())
+    except changes.CursorExpired:
+        # Disabled (or stuck) for longer than the feed keeps changes: what retention deleted
+        # is gone. Said loudly, and delivery goes on from the oldest change kept.
+        log.warning(
+            "notify.changes_lost_to_retention",
+            endpoints=[str(follower.endpoint_id) for follower in sharing],
+        )
+        return await changes.read(feed, None, page, ChangeFilter())
+    except changes.CursorUnknown:
+        # The database was restored into another server: its transaction ids have not
+        # reached the cursor. Going on from the edge is all that can be done.
+        log.warning(
+            "notify.cursor_unknown_restarting_at_edge",
+            endpoints=[str(follower.endpoint_id) for follower in sharing],
+        )
+        edge = await changes.current_edge(feed)
+        return changes.FeedPage([], edge, edge.txid + 1, at_edge=True)
+
+
+def _message(endpoint_id: uuid.UUID, change: RowMapping, body: str) -> dict[str, Any]:
+    return {
+        "endpoint_id": endpoint_id,
+        "change_id": change["id"],
+        "subscription_id": change["subscription_id"],
+        "sequence": change["sequence"],
+        "type": change["type"],
+        "body": body,
+    }
+
+
+async def start_at_edge(conn: AsyncConnection, endpoint_id: uuid.UUID) -> None:
+    """A new endpoint's cursor: it receives what commits from now on."""
+    edge = await changes.current_edge(conn)
+    await conn.execute(
+        sa.insert(notify_cursors).values(
+            endpoint_id=endpoint_id, txid=edge.txid, change_id=edge.change_id
+        )
+    )
+
+
+# -- claiming ----------------------------------------------------------------------------------
+
+
+async def claim(
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    lease_until: datetime,
+    per_endpoint: int,
+    slots: int,
+) -> list[Send]:
+    """Lanes due now, up to `per_endpoint` in flight for each endpoint (across every worker)
+    and `slots` in all, shared round-robin among endpoints; each with the time it may be sent
+    (a rate-limited endpoint's are spaced out). `conn` must be in a transaction."""
+    if slots <= 0:
+        return []
+    endpoints = list((await conn.execute(_claimable(now))).mappings())
+    quota = _share(endpoints, per_endpoint, slots, now)
+    if not quota:
+        return []
+    db = await driver_connection(conn)
+    rows = await _CLAIM.fetch(
+        db,
+        quota=json_rows([{"endpoint_id": e, "room": room} for e, room in quota.items()]),
+        now=now,
+        lease_until=lease_until,
+    )
+    by_id = {endpoint["id"]: endpoint for endpoint in endpoints}
+    sends: list[Send] = []
+    spacing: dict[uuid.UUID, datetime] = {}
+    for row in rows:
+        endpoint = by_id[row["endpoint_id"]]
+        send_at = now
+        if rate := endpoint["rate_limit_per_s"]:
+            send_at = spacing.get(endpoint["id"]) or max(now, endpoint["next_send_at"] or now)
+            spacing[endpoint["id"]] = send_at + timedelta(seconds=1 / rate)
+        sends.append(_send(endpoint, row, send_at, now))
+    if spacing:
+        await conn.execute(
+            sa.update(notify_endpoints)
+            .where(notify_endpoints.c.id == sa.bindparam("endpoint"))
+            .values(next_send_at=sa.bindparam("next_send_at")),
+            [{"endpoint": e, "next_send_at": at} for e, at in spacing.items()],
+        )
+    return sends
+
+
+def _claimable(now: datetime) -> sa.Select[Any]:
+    """Enabled, unpaused endpoints with a lane due, locked (skipped when another worker holds
+    them), with how many of their lanes are in flight."""
+    lanes = notify_lanes.alias("lane")
+    in_flight = (
+        sa.select(sa.func.count())
+        .where(
+            lanes.c.endpoint_id == notify_endpoints.c.id,
+            lanes.c.claim_token.is_not(None),
+            lanes.c.next_attempt_at > now,
+        )
+        .scalar_subquery()
+    )
+    due = sa.exists().where(
+        notify_lanes.c.endpoint_id == notify_endpoints.c.id,
+        notify_lanes.c.next_attempt_at <= now,
+    )
+    window = now + timedelta(seconds=SEND_AHEAD_S)
+    return (
+        sa.select(
+            notify_endpoints.c.id,
+            notify_endpoints.c.url,
+            notify_endpoints.c.secret,
+            notify_endpoints.c.previous_secret,
+            notify_endpoints.c.previous_secret_expires_at,
+            notify_endpoints.c.rate_limit_per_s,
+            notify_endpoints.c.next_send_at,
+            in_flight.label("in_flight"),
+        )
+        .where(
+            notify_endpoints.c.state == EndpointState.ENABLED.value,
+            sa.func.coalesce(notify_endpoints.c.paused_until, now) <= now,
+            sa.func.coalesce(notify_endpoints.c.next_send_at, now) < window,
+            due,
+        )
+        .order_by(sa.func.random())  # no endpoint always first when slots run short
+        .with_for_update(of=notify_endpoints, skip_locked=True)
+    )
+
+
+def _share(
+    endpoints: Sequence[RowMapping], per_endpoint: int, slots: int, now: datetime
+) -> dict[uuid.UUID, int]:
+    """How many lanes to claim of each endpoint: its room, handed out one at a time in turn
+    until `slots` run out."""
+    room = {endpoint["id"]: _room(endpoint, per_endpoint, now) for endpoint in endpoints}
+    quota: dict[uuid.UUID, int] = {}
+    while slots > 0 and any(room.values()):
+        for endpoint_id in room:
+            if slots > 0 and room[endpoint_id] > 0:
+                room[endpoint_id] -= 1
+                quota[endpoint_id] = quota.get(endpoint_id, 0) + 1
+                slots -= 1
+    return quota
+
+
+def _room(endpoint: RowMapping, per_endpoint: int, now: datetime) -> int:
+    room: int = max(per_endpoint - int(endpoint["in_flight"]), 0)
+    if rate := endpoint["rate_limit_per_s"]:
+        ahead_s = max(((endpoint["next_send_at"] or now) - now).total_seconds(), 0.0)
+        room = min(room, max(int((SEND_AHEAD_S - ahead_s) * rate), 1))
+    return room
+
+
+def _send(endpoint: RowMapping, row: Any, send_at: datetime, now: datetime) -> Send:
+    secrets = secrets_in_force(
+        endpoint["secret"],
+        endpoint["previous_secret"],
+        endpoint["previous_secret_expires_at"],
+        now,
+    )
+    return Send(
+        target=Target(endpoint["id"], endpoint["url"], tuple(secrets)),
+        subscription_id=row["subscription_id"],
+        claim_token=row["claim_token"],
+        failures=row["failures"],
+        change_id=row["change_id"],
+        type=row["type"],
+        body=bytes(row["body"]),
+        send_at=send_at,
+    )
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    disabled: list[tuple[uuid.UUID, str]]  # endpoints this disabled, and why
+
+
+async def record(conn: AsyncConnection, finished: Sequence[Finished]) -> Recorded:
+    """Keep each attempt, delete what was delivered, release the lanes (only by the claim that
+    holds each: a lease that ran out belongs to whoever claimed the lane since) and disable or
+    pause endpoints. `conn` must be in a transaction."""
+    if not finished:
+        return Recorded([])
+    db = await driver_connection(conn)
+    lanes = {(f.send.target.endpoint_id, f.send.subscription_id): f for f in finished}
+    released = await _FINISH.fetch(
+        db,
+        attempts=json_rows([dataclasses.asdict(f.attempt) for f in finished]),
+        delivered=json_rows(
+            [
+                {"endpoint_id": f.send.target.endpoint_id, "change_id": f.send.change_id}
+                for f in finished
+                if f.delivered
+            ]
+        ),
+        lanes=json_rows(
+            [
+                {
+                    "endpoint_id": endpoint_id,
+                    "subscription_id": subscription_id,
+                    "claim_token": f.send.claim_token,
+                    "failures": f.failures,
+                    "next_attempt_at": f.next_attempt_at,
+                }
+                for (endpoint_id, subscription_id), f in lanes.items()
+            ]
+        ),
+    )
+    empty = [
+        {"endpoint_id": row["endpoint_id"], "subscription_id": row["subscription_id"]}
+        for row in released
+        if row["pending"] == 0 and row["free"]
+    ]
+    if empty:
+        await _DROP_EMPTY_LANES.fetch(db, lanes=json_rows(empty))
+    return Recorded(await _endpoint_effects(conn, finished))
+
+
+async def _endpoint_effects(
+    conn: AsyncConnection, finished: Iterable[Finished]
+) -> list[tuple[uuid.UUID, str]]:
+    disabled: dict[uuid.UUID, str] = {}
+    paused: dict[uuid.UUID, datetime] = {}
+    for f in finished:
+        endpoint_id = f.send.target.endpoint_id
+        if f.disable is not None:
+            disabled.setdefault(endpoint_id, f.disable)
+        if f.pause_until is not None:
+            paused[endpoint_id] = max(f.pause_until, paused.get(endpoint_id, f.pause_until))
+    for endpoint_id, until in paused.items():
+        await conn.execute(
+            sa.update(notify_endpoints)
+            .where(notify_endpoints.c.id == endpoint_id)
+            .values(
+                paused_until=sa.func.greatest(
+                    sa.func.coalesce(notify_endpoints.c.paused_until, until), until
+                )
+            )
+        )
+    made: list[tuple[uuid.UUID, str]] = []
+    for endpoint_id, reason in disabled.items():
+        result = await conn.execute(
+            sa.update(notify_endpoints)
+            .where(
+                notify_endpoints.c.id == endpoint_id,
+                notify_endpoints.c.state == EndpointState.ENABLED.value,
+            )
+            .values(
+                state=EndpointState.DISABLED.value,
+                disabled_reason=reason,
+                updated_at=sa.func.now(),
+            )
+        )
+        if result.rowcount:
+            made.append((endpoint_id, reason))
+    return made
+
+
+async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) -> list[RowMapping]:
+    """Attempts that belong to no lane (a `test` ping), as kept."""
+    query = (
+        sa.insert(notify_attempts)
+        .values([dataclasses.asdict(a) for a in attempts])
+        .returning(*notify_attempts.c)
+    )
+    return list((await conn.execute(query)).mappings())
+
+
+# -- waiting -----------------------------------------------------------------------------------
+
+
+async def next_due(conn: AsyncConnection) -> datetime | None:
+    """When the earliest lane of an enabled endpoint is due (a lease's end included), and not
+    before its endpoint's pause ends; None when no lane waits."""
+    earliest_lane = (
+        sa.select(sa.func.min(notify_lanes.c.next_attempt_at))
+        .where(notify_lanes.c.endpoint_id == notify_endpoints.c.id)
+        .scalar_subquery()
+    )
+    # greatest() skips NULLs: an endpoint with no lane has nothing due, paused or not.
+    due = sa.case(
+        (earliest_lane.is_(None), None),
+        else_=sa.func.greatest(earliest_lane, notify_endpoints.c.paused_until),
+    )
+    query = sa.select(sa.func.min(due)).where(
+        notify_endpoints.c.state == EndpointState.ENABLED.value
+    )
+    found: datetime | None = await conn.scalar(query)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointCounts:
+    by_state: dict[EndpointState, int]
+    queued: int  # messages not yet delivered
+
+
+async def endpoint_counts(conn: AsyncConnection) -> EndpointCounts:
+    """What ops watch of notifications: endpoints by state, and what waits to be sent."""
+    states = await conn.execute(
+        sa.select(notify_endpoints.c.state, sa.func.count()).group_by(notify_endpoints.c.state)
+    )
+    queued = await conn.scalar(sa.select(sa.func.coalesce(sa.func.sum(notify_lanes.c.pending), 0)))
+    return EndpointCounts({EndpointState(state): n for state, n in states}, int(queued or 0))
+
+
+# The disabled endpoints a summary names, newest first.
+SUMMARY_DISABLED = 20
+
+
+async def summary(conn: AsyncConnection) -> dict[str, Any]:
+    """Notifications for ops: endpoints by state, what waits to be sent, and which endpoints
+    the sender disabled, why and since when; in JSON's types, as the summary is served."""
+    counts = await endpoint_counts(conn)
+    e = notify_endpoints.c
+    disabled = await conn.execute(
+        sa.select(e.id, e.created_by, e.disabled_reason, e.updated_at.label("since"))
+        .where(e.state == EndpointState.DISABLED.value)
+        .order_by(e.updated_at.desc())
+        .limit(SUMMARY_DISABLED)
+    )
+    return {
+        "endpoints": {state.value: counts.by_state.get(state, 0) for state in EndpointState},
+        "queued": counts.queued,
+        "disabled": [
+            {
+                "id": str(row.id),
+                "created_by": row.created_by,
+                "disabled_reason": row.disabled_reason,
+                "since": row.since.isoformat(),
+            }
+            for row in disabled
+        ],
+    }
+
+
+async def resume_lanes(conn: AsyncConnection, endpoint_id: uuid.UUID, now: datetime) -> None:
+    """An endpoint enabled again: every lane due now with a clean slate, its pause dropped, so
+    delivery resumes where it stopped."""
+    await conn.execute(
+        sa.update(notify_lanes)
+        .where(notify_lanes.c.endpoint_id == endpoint_id, notify_lanes.c.claim_token.is_(None))
+        .values(failures=0, next_attempt_at=now)
+    )
+    await conn.execute(
+        sa.update(notify_endpoints)
+        .where(notify_endpoints.c.id == endpoint_id)
+        .values(paused_until=None, next_send_at=None)
+    )
+
+
+async def prune_attempts(conn: AsyncConnection, keep_days: int, batch: int) -> int:
+    """Delete up to `batch` attempts older than `keep_days`. Callers commit each batch."""
+    old = (
+        sa.select(notify_attempts.c.id)
+        .where(notify_attempts.c.attempted_at < sa.func.now() - timedelta(days=keep_days))
+        .limit(batch)
+    )
+    result = await conn.execute(sa.delete(notify_attempts).where(notify_attempts.c.id.in_(old)))
+    return int(result.rowcount)
+
+
+_STATEMENTS = named_statements("notify.sql")
+_ENQUEUE = _STATEMENTS["enqueue"]
+_CLAIM = _STATEMENTS["claim"]
+_FINISH = _STATEMENTS["finish"]
+_DROP_EMPTY_LANES = _STATEMENTS["drop_empty_lanes"]

@@ -1,0 +1,122 @@
+-- Sending notifications (`service/db/notify.py`): an endpoint's queue is filled from the change
+-- feed (`enqueue`), its lanes claimed by workers (`claim`) and what each send did recorded
+-- (`finish`, `drop_empty_lanes`). `:now` is the sender's clock, one for all of them.
+
+-- name: enqueue
+-- Messages queued for endpoints (a message already queued is left as it is: a replay of what is
+-- still waiting queues nothing), each subscription's lane made or lengthened by what was
+-- queued, and each endpoint's cursor moved past what it read.
+WITH queued AS (
+    INSERT INTO notify_messages (endpoint_id, change_id, subscription_id, sequence, type, body)
+    SELECT v.endpoint_id, v.change_id, v.subscription_id, v.sequence, v.type, v.body
+    FROM json_to_recordset(CAST(:messages AS json))
+        AS v(endpoint_id uuid, change_id bigint, subscription_id uuid, sequence integer,
+             type text, body bytea)
+    ON CONFLICT DO NOTHING
+    RETURNING endpoint_id, subscription_id
+), lengthened AS (
+    -- DO UPDATE, not DO NOTHING: it locks the lane, so a sender emptying it concurrently
+    -- either sees the new messages counted or deletes it first (and this makes it anew).
+    INSERT INTO notify_lanes AS l (endpoint_id, subscription_id, pending, next_attempt_at)
+    SELECT endpoint_id, subscription_id, count(*), :now
+    FROM queued
+    GROUP BY endpoint_id, subscription_id
+    ON CONFLICT (endpoint_id, subscription_id)
+        DO UPDATE SET pending = l.pending + excluded.pending
+    RETURNING 1
+), moved AS (
+    UPDATE notify_cursors AS c
+    SET txid = v.txid, change_id = v.change_id
+    FROM json_to_recordset(CAST(:cursors AS json))
+        AS v(endpoint_id uuid, txid bigint, change_id bigint)
+    WHERE c.endpoint_id = v.endpoint_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM queued) AS queued,
+       (SELECT count(*) FROM lengthened) AS lanes,
+       (SELECT count(*) FROM moved) AS moved
+
+-- name: claim
+-- Up to `room` due lanes of each endpoint, oldest due first, leased until `:lease_until`, with
+-- each lane's oldest message: the one to send. The caller holds the endpoints' rows locked, so
+-- two workers never count the same endpoint's room at once.
+WITH quota AS (
+    SELECT * FROM json_to_recordset(CAST(:quota AS json)) AS v(endpoint_id uuid, room integer)
+), picked AS (
+    SELECT l.endpoint_id, l.subscription_id
+    FROM quota AS q
+    CROSS JOIN LATERAL (
+        SELECT endpoint_id, subscription_id
+        FROM notify_lanes
+        WHERE endpoint_id = q.endpoint_id AND next_attempt_at <= :now
+        ORDER BY next_attempt_at
+        LIMIT q.room
+        FOR UPDATE SKIP LOCKED
+    ) AS l
+), claimed AS (
+    UPDATE notify_lanes AS l
+    SET claim_token = gen_random_uuid(), next_attempt_at = :lease_until
+    FROM picked AS p
+    WHERE l.endpoint_id = p.endpoint_id AND l.subscription_id = p.subscription_id
+    RETURNING l.endpoint_id, l.subscription_id, l.claim_token, l.failures
+)
+SELECT c.endpoint_id, c.subscription_id, c.claim_token, c.failures,
+       m.change_id, m.type, m.body
+FROM claimed AS c
+CROSS JOIN LATERAL (
+    SELECT change_id, type, body
+    FROM notify_messages
+    WHERE endpoint_id = c.endpoint_id AND subscription_id = c.subscription_id
+    ORDER BY sequence
+    LIMIT 1
+) AS m
+ORDER BY c.endpoint_id
+
+-- name: finish
+-- What sends did: every attempt kept; a delivered message deleted (by its id, so a send whose
+-- lease ran out still counts it once); the lane released by the claim that holds it, with its
+-- next attempt and failures, and shortened by what was deleted. (A data-modifying WITH runs
+-- whether or not the statement reads it.)
+WITH attempted AS (
+    INSERT INTO notify_attempts
+        (endpoint_id, message_id, subscription_id, type, attempt, outcome, status_code,
+         latency_ms, response, attempted_at)
+    SELECT v.endpoint_id, v.message_id, v.subscription_id, v.type, v.attempt, v.outcome,
+           v.status_code, v.latency_ms, v.response, v.attempted_at
+    FROM json_to_recordset(CAST(:attempts AS json))
+        AS v(endpoint_id uuid, message_id text, subscription_id uuid, type text,
+             attempt integer, outcome text, status_code integer, latency_ms double precision,
+             response text, attempted_at timestamptz)
+    RETURNING 1
+), sent AS (
+    DELETE FROM notify_messages AS m
+    USING json_to_recordset(CAST(:delivered AS json)) AS v(endpoint_id uuid, change_id bigint)
+    WHERE m.endpoint_id = v.endpoint_id AND m.change_id = v.change_id
+    RETURNING m.endpoint_id, m.subscription_id
+), removed AS (
+    SELECT endpoint_id, subscription_id, count(*) AS n FROM sent GROUP BY 1, 2
+), released AS (
+    SELECT v.*, coalesce(r.n, 0) AS removed
+    FROM json_to_recordset(CAST(:lanes AS json))
+        AS v(endpoint_id uuid, subscription_id uuid, claim_token uuid, failures integer,
+             next_attempt_at timestamptz)
+    LEFT JOIN removed AS r USING (endpoint_id, subscription_id)
+)
+UPDATE notify_lanes AS l
+SET pending = l.pending - r.removed,
+    failures = CASE WHEN l.claim_token = r.claim_token THEN r.failures ELSE l.failures END,
+    next_attempt_at = CASE WHEN l.claim_token = r.claim_token
+                           THEN r.next_attempt_at ELSE l.next_attempt_at END,
+    claim_token = CASE WHEN l.claim_token = r.claim_token THEN NULL ELSE l.claim_token END
+FROM released AS r
+WHERE l.endpoint_id = r.endpoint_id AND l.subscription_id = r.subscription_id
+RETURNING l.endpoint_id, l.subscription_id, l.pending, l.claim_token IS NULL AS free
+
+-- name: drop_empty_lanes
+-- Lanes with nothing left to send and nobody sending. The condition is checked again on the
+-- row as it is when locked, so messages queued meanwhile keep their lane.
+DELETE FROM notify_lanes AS l
+USING json_to_recordset(CAST(:lanes AS json)) AS v(endpoint_id uuid, subscription_id uuid)
+WHERE l.endpoint_id = v.endpoint_id AND l.subscription_id = v.subscription_id
+  AND l.pending = 0 AND l.claim_token IS NULL
+RETURNING 1

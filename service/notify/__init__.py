@@ -1,0 +1,1 @@
+"""Push notifications: each change, signed (Standard Webhooks), to the endpoints that want it."""

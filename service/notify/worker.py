@@ -1,0 +1,321 @@
+"""The notifier: follows the change feed into endpoints' queues, sends their messages and
+records what came of each. Several may run, in one process or many (`service/db/notify.py`
+says how they share the work).
+
+It wakes when changes commit (LISTEN on the feed's channel) or the API asks (an endpoint
+enabled again), when a retry falls due, and polls as a fallback. Finished sends are recorded
+by one recorder task, in batches; a database outage is waited out, and what could not be
+recorded comes back when its lease runs out and is sent again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import asyncpg
+import structlog
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.db import changes, notify
+from service.db.changes import CHANGES_CHANNEL
+from service.db.engine import asyncpg_dsn
+from service.db.errors import is_transient, is_unavailable
+from service.db.notify import WAKE_CHANNEL, Attempt, Finished, Send
+from service.domain.notifications import Answer, retry_delay_s, verdict
+from service.metrics import Metrics
+from service.notify.sending import post
+
+log = structlog.get_logger(__name__)
+
+RECORD_BATCH = 256
+FAN_OUT_PAGE = 500
+POLL_INTERVAL_S = 5.0
+# How long a drain waits for transactions begun before it to end (their changes to show).
+DRAIN_SETTLE_S = 10.0
+OUTAGE_BACKOFF_MAX_S = 30.0
+
+Clock = Callable[[], datetime]
+Render = Callable[[RowMapping], bytes]
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class Notifier:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        session: aiohttp.ClientSession,
+        *,
+        database_url: str,
+        render: Render,
+        per_endpoint: int,
+        slots: int,
+        timeout_s: float,
+        lease_s: float,
+        backlog: int,
+        allowed_hosts: Iterable[str],
+        metrics: Metrics,
+        clock: Clock = wall_clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._session = session
+        self._database_url = database_url
+        self._render = render
+        self._per_endpoint = per_endpoint
+        self._slots = slots
+        self._timeout_s = timeout_s
+        self._lease_s = lease_s
+        self._backlog = backlog
+        self._allowed_hosts = tuple(allowed_hosts)
+        self.metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._sends: set[asyncio.Task[None]] = set()
+        self._finished: asyncio.Queue[Finished] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send until `stop()`; sends in flight are then left to their leases (at least once:
+        a message whose send was cut short is sent again)."""
+        recorder = asyncio.create_task(self._record_forever(), name="notify-recorder")
+        try:
+            await self._work_forever()
+        finally:
+            for task in list(self._sends):
+                task.cancel()
+            await asyncio.gather(*self._sends, return_exceptions=True)
+            await self._finished.join()
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
+            await self._close_listener()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def drain(self) -> int:
+        """Queue what the feed holds, then send every due message and record it, until none is
+        due; return how many sends were made (tests, one-off runs). Retries are left for later:
+        move the clock to make them due."""
+        if not await changes.settled(self._engine, DRAIN_SETTLE_S):
+            log.warning("notify.drain_feed_held_back", waited_s=DRAIN_SETTLE_S)
+        made = 0
+        while True:
+            while await self._fan_out():
+                pass
+            sends = await self._claim(self._slots)
+            if not sends:
+                return made
+            made += len(sends)
+            finished = await asyncio.gather(*(self._attempt(send) for send in sends))
+            await self._record(list(finished))
+
+    async def _work_forever(self) -> None:
+        outage_s = 0.0
+        while not self._stopping.is_set():
+            self._wake.clear()  # before the round: a NOTIFY during it is not lost
+            try:
+                await self._ensure_listening()
+                queued = await self._fan_out()
+                started = self._start(await self._claim(self._slots - len(self._sends)))
+                if outage_s:
+                    log.info("notify.database_back")
+                    outage_s = 0.0
+                if not queued and not started:
+                    await self._sleep_until_work()
+            except Exception as error:
+                outage_s = min(max(outage_s * 2, 0.5), OUTAGE_BACKOFF_MAX_S)
+                if is_unavailable(error) or is_transient(error):
+                    log.warning(
+                        "notify.database_unavailable",
+                        error=type(error).__name__,
+                        retry_in_s=outage_s,
+                    )
+                else:
+                    log.exception("notify.round_failed", retry_in_s=outage_s)
+                await _wait(self._stopping, outage_s)
+
+    async def _fan_out(self) -> int:
+        return await notify.fan_out(
+            self._engine,
+            now=self._clock(),
+            page=FAN_OUT_PAGE,
+            backlog=self._backlog,
+            render=self._render,
+        )
+
+    async def _claim(self, slots: int) -> list[Send]:
+        if slots <= 0:
+            return []
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            return await notify.claim(
+                conn,
+                now=now,
+                lease_until=now + timedelta(seconds=self._lease_s),
+                per_endpoint=self._per_endpoint,
+                slots=slots,
+            )
+
+    def _start(self, sends: list[Send]) -> int:
+        for send in sends:
+            task = asyncio.create_task(self._send_and_queue(send))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        return len(sends)
+
+    async def _send_and_queue(self, send: Send) -> None:
+        self._finished.put_nowait(await self._attempt(send))
+
+    async def _attempt(self, send: Send) -> Finished:
+        """Send at its time (a rate-limited endpoint's are spaced) and judge the answer."""
+        delay_s = (send.send_at - self._clock()).total_seconds()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        answer = await post(
+            self._session,
+            send.target.url,
+            message_id=send.message_id,
+            body=send.body,
+            secrets=send.target.secrets,
+            timeout_s=self._timeout_s,
+            allowed_hosts=self._allowed_hosts,
+        )
+        return self._judge(send, answer, self._clock())
+
+    def _judge(self, send: Send, answer: Answer, now: datetime) -> Finished:
+        judged = verdict(answer.outcome, send.failures, answer.retry_after_s)
+        failures, next_attempt_at, pause_until = send.failures, now, None
+        if judged.pause_s is not None:
+            pause_until = now + timedelta(seconds=judged.pause_s)
+            next_attempt_at = pause_until
+        elif not judged.delivered:
+            failures += 1
+            next_attempt_at = now + timedelta(seconds=retry_delay_s(failures, self._rng))
+        elif judged.delivered:
+            failures = 0
+        attempt = Attempt.of(
+            send.target.endpoint_id,
+            send.message_id,
+            send.subscription_id,
+            send.type,
+            send.failures + 1,
+            answer,
+            now,
+        )
+        return Finished(
+            send=send,
+            attempt=attempt,
+            delivered=judged.delivered,
+            failures=failures,
+            next_attempt_at=next_attempt_at,
+            disable=judged.disable,
+            pause_until=pause_until,
+        )
+
+    async def _sleep_until_work(self) -> None:
+        """Until changes commit or the API wakes us, a retry falls due, or the poll interval."""
+        async with self._engine.connect() as conn:
+            due = await notify.next_due(conn)
+        wait_s = POLL_INTERVAL_S
+        if due is not None:
+            wait_s = min(wait_s, (due - self._clock()).total_seconds())
+        await _wait(self._wake, wait_s)
+
+    # -- recording ---------------------------------------------------------------------------
+
+    async def _record_forever(self) -> None:
+        while True:
+            batch = [await self._finished.get()]
+            while len(batch) < RECORD_BATCH and not self._finished.empty():
+                batch.append(self._finished.get_nowait())
+            try:
+                await self._record(batch)
+            finally:
+                for _ in batch:
+                    self._finished.task_done()
+            self._wake.set()  # a delivered lane's next message is due now; slots are free
+
+    async def _record(self, batch: list[Finished]) -> None:
+        """Record, retrying through a database outage until the leases would have run out;
+        past that the sends are made again anyway (their lanes come back)."""
+        deadline = time.monotonic() + self._lease_s
+        backoff_s = 0.2
+        while True:
+            try:
+                async with self._engine.begin() as conn:
+                    recorded = await notify.record(conn, batch)
+                break
+            except Exception as error:
+                retryable = is_unavailable(error) or is_transient(error)  # a deadlock with fan-out
+                if time.monotonic() + backoff_s > deadline or not retryable:
+                    log.exception("notify.record_failed", sends=len(batch))
+                    return
+                log.warning("notify.record_retry", error=type(error).__name__)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+        for finished in batch:
+            self._observe(finished)
+        for endpoint_id, reason in recorded.disabled:
+            self.metrics.notify_endpoints_disabled.inc()
+            log.warning("notify.endpoint_disabled", endpoint_id=str(endpoint_id), reason=reason)
+
+    def _observe(self, finished: Finished) -> None:
+        attempt = finished.attempt
+        self.metrics.notifications.labels(attempt.outcome).inc()
+        self.metrics.notification_latency.observe(attempt.latency_ms / 1000)
+        # Every send at INFO would be most of the log under load; a failure is worth a line.
+        (log.debug if finished.delivered else log.info)(
+            "notify.sent",
+            endpoint_id=str(attempt.endpoint_id),
+            message_id=attempt.message_id,
+            attempt=attempt.attempt,
+            outcome=attempt.outcome,
+            status=attempt.status_code,
+            latency_ms=attempt.latency_ms,
+        )
+
+    # -- LISTEN ------------------------------------------------------------------------------
+
+    async def _ensure_listening(self) -> None:
+        """A connection of its own for LISTEN, reopened after an outage; polling covers gaps."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            listener = await asyncpg.connect(asyncpg_dsn(self._database_url), timeout=5)
+            await listener.add_listener(CHANGES_CHANNEL, self._notified)
+            await listener.add_listener(WAKE_CHANNEL, self._notified)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+            log.warning("notify.listen_unavailable", error=type(error).__name__)
+            self._listener = None
+            return
+        self._listener = listener
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
