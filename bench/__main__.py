@@ -2,7 +2,8 @@
 
 Suites: dispatch, ingest, subscribe (POST /v1/subscriptions and /batch against one asyncpg
 INSERT a request), queries (lists, events and the ops summary at 1,000,000 subscriptions) and
-changes (the change feed: pages, the SSE stream's lag, the outbox's cost, idle readers).
+changes (the change feed: pages, the SSE stream's lag, the outbox's cost, idle readers) and
+notify (notifications: to 1 and 100 endpoints against a bare client, lag, a dead consumer).
 Starts what it needs (PostgreSQL, simulator, API, dispatchers), runs the suites' scenarios,
 prints a row per scenario and a table of targets, writes JSON under bench/results/, and stops
 everything it started, also on failure, Ctrl-C, SIGTERM or when `--timeout-s` runs out.
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import changes, dispatch, ingest, queries, subscribe
+from bench import changes, dispatch, ingest, notify, queries, subscribe
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
@@ -34,6 +35,7 @@ SUITES: dict[str, ModuleType] = {
     "subscribe": subscribe,
     "queries": queries,
     "changes": changes,
+    "notify": notify,
 }
 
 

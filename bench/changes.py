@@ -151,7 +151,7 @@ def _raise_open_files(needed: int) -> dict[str, int]:
     return {"soft": soft, "hard": hard}
 
 
-async def _subscribe(conn: asyncpg.Connection, prefix: str, count: int) -> None:
+async def subscribe_active(conn: asyncpg.Connection, prefix: str, count: int) -> None:
     """`count` active subscriptions of packages `prefix` || 8 digits (`loadgen.tracking_number`)
     with what a shop's checkout sends (carrier id, reference, metadata, client), then ANALYZE."""
     await conn.execute(
@@ -235,7 +235,7 @@ async def _fill_feed(plan: Plan, conn: asyncpg.Connection, database_url: str) ->
         phases[phase] = round(now - last, 2)
         last = now
 
-    await _subscribe(conn, FEED_PREFIX, plan.feed_subscriptions)
+    await subscribe_active(conn, FEED_PREFIX, plan.feed_subscriptions)
     total = plan.feed_subscriptions * plan.feed_changes_each
     await conn.execute(
         "UPDATE subscriptions SET change_sequence = $1, status_code = 'IT', "
@@ -596,8 +596,8 @@ async def lag(bench: Bench, plan: Plan, report: Report) -> None:
     ):
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            await _subscribe(conn, LAG_PREFIX, max(plan.lag_subscriptions, deliveries))
-            await _subscribe(conn, LAG_WARM_PREFIX, plan.lag_warmup)
+            await subscribe_active(conn, LAG_PREFIX, max(plan.lag_subscriptions, deliveries))
+            await subscribe_active(conn, LAG_WARM_PREFIX, plan.lag_warmup)
             generator = await start_load_generator(procs, "loadgen")
             env = {
                 "DATABASE_URL": database_url,
@@ -944,7 +944,7 @@ async def outbox(bench: Bench, plan: Plan, report: Report) -> None:
             conn = await asyncpg.connect(asyncpg_dsn(database_url))
             try:
                 for run_ in range(len(builds)):
-                    await _subscribe(conn, f"{OUTBOX_PREFIX}{run_}", plan.outbox_packages)
+                    await subscribe_active(conn, f"{OUTBOX_PREFIX}{run_}", plan.outbox_packages)
                 generator = await start_load_generator(procs, "loadgen")
                 env = {
                     "DATABASE_URL": database_url,
@@ -1118,7 +1118,7 @@ async def idle(bench: Bench, plan: Plan, report: Report) -> None:
     ):
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
-            await _subscribe(conn, f"{FEED_PREFIX}I", 1)
+            await subscribe_active(conn, f"{FEED_PREFIX}I", 1)
             url = await start_api(procs, {"DATABASE_URL": database_url})
             api = procs.named("api")
             headers = await api_headers(database_url, [READ_SCOPE], client="idle-readers")

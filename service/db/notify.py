@@ -91,6 +91,11 @@ class Attempt:
     response: str | None = dataclasses.field(repr=False)
     attempted_at: datetime
 
+    def row(self) -> dict[str, Any]:
+        """As `notify_attempts` takes it (dataclasses.asdict, without its deep copies: a
+        tenth of a busy sender's time)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
     @classmethod
     def of(
         cls,
@@ -132,23 +137,30 @@ class Finished:
 # -- following the feed ------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class FanOut:
+    queued: int  # messages queued
+    unread: bool  # the feed holds more than a page for an endpoint: read on at once
+    full: bool  # an endpoint's queue was full: read on once it has room
+
+
 async def fan_out(
     engine: AsyncEngine, *, now: datetime, page: int, backlog: int, render: Render
-) -> int:
+) -> FanOut:
     """Queue what every enabled endpoint wants of the feed past its cursor, a page at most
-    each; return how many messages were queued (0 too when another worker is at it)."""
+    each (nothing when another worker is at it: it does the same)."""
     async with engine.begin() as conn:
         if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(FAN_OUT_LOCK))):
-            return 0
-        followers = await _followers(conn, backlog)
+            return FanOut(0, unread=False, full=False)
+        followers, held = await _followers(conn, backlog)
         if not followers:
-            return 0
+            return FanOut(0, unread=False, full=held)
         # The feed is read in a snapshot of its own; this transaction writes only at the end,
         # so it holds no transaction id (and so the feed's horizon) back while the feed is read.
         async with changes.snapshot(engine) as feed:
-            messages, cursors = await _read_for(feed, followers, page, render)
+            messages, cursors, unread = await _read_for(feed, followers, page, render)
         if not cursors:
-            return 0
+            return FanOut(0, unread=False, full=held)
         db = await driver_connection(conn)
         result = await _ENQUEUE.fetch(
             db,
@@ -156,8 +168,7 @@ async def fan_out(
             cursors=json_rows(cursors),
             now=now,
         )
-        queued: int = result[0]["queued"]
-        return queued
+        return FanOut(result[0]["queued"], unread=unread, full=held)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +184,8 @@ class _Follower:
         )
 
 
-async def _followers(conn: AsyncConnection, backlog: int) -> list[_Follower]:
-    """Enabled endpoints whose queue has room."""
+async def _followers(conn: AsyncConnection, backlog: int) -> tuple[list[_Follower], bool]:
+    """Enabled endpoints whose queue has room, and whether any other's was full."""
     queued = (
         sa.select(sa.func.coalesce(sa.func.sum(notify_lanes.c.pending), 0))
         .where(notify_lanes.c.endpoint_id == notify_endpoints.c.id)
@@ -188,26 +199,31 @@ async def _followers(conn: AsyncConnection, backlog: int) -> list[_Follower]:
             notify_endpoints.c.types,
             notify_cursors.c.txid,
             notify_cursors.c.change_id,
+            (queued >= backlog).label("full"),
         )
         .join_from(notify_endpoints, notify_cursors)
-        .where(notify_endpoints.c.state == EndpointState.ENABLED.value, queued < backlog)
+        .where(notify_endpoints.c.state == EndpointState.ENABLED.value)
     )
-    return [
+    rows = list(await conn.execute(query))
+    followers = [
         _Follower(
             row.id,
             Position(row.txid, row.change_id),
             None if row.all_clients else row.created_by,
             frozenset(row.types) if row.types is not None else None,
         )
-        for row in await conn.execute(query)
+        for row in rows
+        if not row.full
     ]
+    return followers, len(followers) < len(rows)
 
 
 async def _read_for(
     feed: AsyncConnection, followers: list[_Follower], page: int, render: Render
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The messages to queue and the cursors to move: the feed read once per position that
-    endpoints share (most share the edge), each change rendered once."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """The messages to queue, the cursors to move, and whether a page stopped short of the
+    edge: the feed read once per position that endpoints share (most share the edge), each
+    change rendered once."""
     edge = await changes.current_edge(feed)
     by_position: dict[Position, list[_Follower]] = {}
     for follower in followers:
@@ -216,8 +232,10 @@ async def _read_for(
     messages: list[dict[str, Any]] = []
     cursors: list[dict[str, Any]] = []
     bodies: dict[int, str] = {}
+    unread = False
     for position, sharing in by_position.items():
         read = await _read_page(feed, position, page, sharing)
+        unread = unread or not read.at_edge
         for follower in sharing:
             for change in read.changes:
                 if not follower.wants(change):
@@ -232,7 +250,7 @@ async def _read_for(
                     "change_id": read.next.change_id,
                 }
             )
-    return messages, cursors
+    return messages, cursors, unread
 
 
 async def _read_page(
@@ -296,7 +314,7 @@ async def claim(
     (a rate-limited endpoint's are spaced out). `conn` must be in a transaction."""
     if slots <= 0:
         return []
-    endpoints = list((await conn.execute(_claimable(now))).mappings())
+    endpoints = list((await conn.execute(_claimable(now).limit(slots))).mappings())
     quota = _share(endpoints, per_endpoint, slots, now)
     if not quota:
         return []
@@ -329,7 +347,8 @@ async def claim(
 
 def _claimable(now: datetime) -> sa.Select[Any]:
     """Enabled, unpaused endpoints with a lane due, locked (skipped when another worker holds
-    them), with how many of their lanes are in flight."""
+    them), with how many of their lanes are in flight; in random order, so that when slots are
+    short (a claim locks no more endpoints than it has slots) no endpoint always comes last."""
     lanes = notify_lanes.alias("lane")
     in_flight = (
         sa.select(sa.func.count())
@@ -428,7 +447,7 @@ async def record(conn: AsyncConnection, finished: Sequence[Finished]) -> Recorde
     lanes = {(f.send.target.endpoint_id, f.send.subscription_id): f for f in finished}
     released = await _FINISH.fetch(
         db,
-        attempts=json_rows([dataclasses.asdict(f.attempt) for f in finished]),
+        attempts=json_rows([f.attempt.row() for f in finished]),
         delivered=json_rows(
             [
                 {"endpoint_id": f.send.target.endpoint_id, "change_id": f.send.change_id}
@@ -503,7 +522,7 @@ async def record_attempts(conn: AsyncConnection, attempts: Sequence[Attempt]) ->
     """Attempts that belong to no lane (a `test` ping), as kept."""
     query = (
         sa.insert(notify_attempts)
-        .values([dataclasses.asdict(a) for a in attempts])
+        .values([attempt.row() for attempt in attempts])
         .returning(*notify_attempts.c)
     )
     return list((await conn.execute(query)).mappings())

@@ -40,6 +40,8 @@ POLL_INTERVAL_S = 5.0
 # How long a drain waits for transactions begun before it to end (their changes to show).
 DRAIN_SETTLE_S = 10.0
 OUTAGE_BACKOFF_MAX_S = 30.0
+# Free slots are claimed for once this share of them (1/8) is free.
+CLAIM_BATCH_SHARE = 8
 
 Clock = Callable[[], datetime]
 Render = Callable[[RowMapping], bytes]
@@ -85,6 +87,11 @@ class Notifier:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
+        # Whether the feed may hold what the queues have not taken: changes committed (the
+        # feed's NOTIFY), an endpoint enabled or replayed, a queue that was full has room, or
+        # the poll interval passed (a NOTIFY lost).
+        self._feed_moved = True
+        self._queues_full = False
 
     # -- running -----------------------------------------------------------------------------
 
@@ -116,7 +123,7 @@ class Notifier:
             log.warning("notify.drain_feed_held_back", waited_s=DRAIN_SETTLE_S)
         made = 0
         while True:
-            while await self._fan_out():
+            while (await self._fan_out()).unread:
                 pass
             sends = await self._claim(self._slots)
             if not sends:
@@ -131,12 +138,20 @@ class Notifier:
             self._wake.clear()  # before the round: a NOTIFY during it is not lost
             try:
                 await self._ensure_listening()
-                queued = await self._fan_out()
-                started = self._start(await self._claim(self._slots - len(self._sends)))
+                more = False
+                if self._feed_moved:
+                    self._feed_moved = False  # before the fan-out, as the wake above
+                    fanned = await self._fan_out()
+                    more, self._queues_full = fanned.unread, fanned.full
+                    self._feed_moved |= more
+                free = self._slots - len(self._sends)
+                started = self._start(await self._claim(free))
                 if outage_s:
                     log.info("notify.database_back")
                     outage_s = 0.0
-                if not queued and not started:
+                # Busy while there is more to take: the feed's next page, or a claim that
+                # filled every free slot (more may be due).
+                if not more and not (free and started == free):
                     await self._sleep_until_work()
             except Exception as error:
                 outage_s = min(max(outage_s * 2, 0.5), OUTAGE_BACKOFF_MAX_S)
@@ -150,7 +165,7 @@ class Notifier:
                     log.exception("notify.round_failed", retry_in_s=outage_s)
                 await _wait(self._stopping, outage_s)
 
-    async def _fan_out(self) -> int:
+    async def _fan_out(self) -> notify.FanOut:
         return await notify.fan_out(
             self._engine,
             now=self._clock(),
@@ -176,8 +191,15 @@ class Notifier:
         for send in sends:
             task = asyncio.create_task(self._send_and_queue(send))
             self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
+            task.add_done_callback(self._send_done)
         return len(sends)
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        """A slot is free: other lanes may be due. Claimed for in batches (an eighth of the
+        slots), not one claim per send; the recorder wakes the loop in any case."""
+        self._sends.discard(task)
+        if self._slots - len(self._sends) >= max(1, self._slots // CLAIM_BATCH_SHARE):
+            self._wake.set()
 
     async def _send_and_queue(self, send: Send) -> None:
         self._finished.put_nowait(await self._attempt(send))
@@ -229,13 +251,17 @@ class Notifier:
         )
 
     async def _sleep_until_work(self) -> None:
-        """Until changes commit or the API wakes us, a retry falls due, or the poll interval."""
-        async with self._engine.connect() as conn:
-            due = await notify.next_due(conn)
+        """Until changes commit or the API wakes us, a retry falls due, or the poll interval.
+        While sends are in flight their ends wake us, and each round claims what fell due."""
+        due = None
+        if not self._sends:
+            async with self._engine.connect() as conn:
+                due = await notify.next_due(conn)
         wait_s = POLL_INTERVAL_S
         if due is not None:
             wait_s = min(wait_s, (due - self._clock()).total_seconds())
-        await _wait(self._wake, wait_s)
+        if not await _wait(self._wake, wait_s) and wait_s >= POLL_INTERVAL_S:
+            self._feed_moved = True  # a poll: in case a NOTIFY was lost
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -249,6 +275,8 @@ class Notifier:
             finally:
                 for _ in batch:
                     self._finished.task_done()
+            if self._queues_full and any(finished.delivered for finished in batch):
+                self._feed_moved = True  # a full queue has room again
             self._wake.set()  # a delivered lane's next message is due now; slots are free
 
     async def _record(self, batch: list[Finished]) -> None:
@@ -307,6 +335,7 @@ class Notifier:
         self._listener = listener
 
     def _notified(self, *_: object) -> None:
+        self._feed_moved = True
         self._wake.set()
 
     async def _close_listener(self) -> None:
@@ -316,6 +345,10 @@ class Notifier:
             self._listener = None
 
 
-async def _wait(event: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether `event` was set within `timeout_s`."""
+    try:
         await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
+    except TimeoutError:
+        return False
+    return True
