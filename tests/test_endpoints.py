@@ -150,6 +150,9 @@ async def test_types_are_change_types_and_absent_means_every_one(api: Client) ->
         "http://[fe80::1]/hooks",
         "http://[::ffff:169.254.169.254]/",
         "http://2852039166/",  # 169.254.169.254, as inet_aton reads it
+        "http://[64:ff9b::a9fe:a9fe]/",  # the same through NAT64
+        "http://[2002:a9fe:a9fe::1]/",  # through 6to4
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible
         "https://consumer.example.test:99999/",
         "https://consumer.example.test:0/",
         "https://metadata.example.test/hooks",  # resolves to 169.254.169.254
@@ -246,6 +249,8 @@ async def test_a_deleted_endpoint_is_gone(api: Client) -> None:
         (b'{"url": "https://consumer.example.test/", "extra": 1}', "application/json", 422),
         (b'{"url": "https://consumer.example.test/\\u0000"}', "application/json", 422),
         (b'{"url": "https://x.example.test/", "rate_limit_per_s": 0}', "application/json", 422),
+        # Slower than one in 100 s: its spacing once overflowed a datetime and stopped every send.
+        (b'{"url": "https://x.example.test/", "rate_limit_per_s": 1e-12}', "application/json", 422),
         (b'{"url": "https://x.example.test/", "rate_limit_per_s": 1e400}', "application/json", 422),
         (b'{"url": "https://x.example.test/", "description": 5}', "application/json", 422),
         (b'{"url": "https://consumer.example.test/"}', "text/plain", 415),

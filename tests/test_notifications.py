@@ -30,7 +30,13 @@ from service.dispatcher.runtime import build_notifier
 from service.domain.access import Scope
 from service.domain.changes import ChangeType
 from service.domain.endpoints import new_secret
-from service.domain.notifications import ATTEMPTS, RETRY_SCHEDULE_S
+from service.domain.notifications import (
+    ATTEMPTS,
+    RETRY_SCHEDULE_S,
+    Answer,
+    NotifyOutcome,
+    retry_after_s,
+)
 from service.notify import sending
 from service.notify.local_consumer import verified
 from service.notify.worker import Notifier
@@ -38,6 +44,7 @@ from service.settings import Settings
 from tests.conftest import RunningSimulator, bearer
 from tests.processes import DispatcherProcess
 from tests.test_dashboard import log_in
+from tests.waiting import eventually
 
 Client = TestClient[web.Request, web.Application]
 
@@ -904,3 +911,106 @@ async def test_ops_see_a_disabled_endpoint_in_the_summary_the_dashboard_and_the_
     metrics = await (await api.get("/metrics")).text()
     assert 'tracking_notify_endpoints{state="disabled"} 1.0' in metrics
     assert "tracking_notify_queued 1.0" in metrics
+
+
+# -- what an attack review found ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "pause_s"),
+    [
+        ("0", RETRY_SCHEDULE_S[0]),  # never a hot loop
+        ("Mon, 01 Jan 2001 00:00:00 GMT", RETRY_SCHEDULE_S[0]),  # in the past
+        ("120", 120.0),
+        ("9" * 5000, max(RETRY_SCHEDULE_S)),
+        ("soon", None),
+    ],
+)
+def test_retry_after_is_obeyed_within_the_schedules_bounds(
+    header: str, pause_s: float | None
+) -> None:
+    assert retry_after_s(header, datetime.now(UTC)) == pause_s
+
+
+async def test_a_rate_limited_endpoint_is_not_due_again_before_its_next_send(
+    api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
+) -> None:
+    await register(api, consumer.url, rate_limit_per_s=1)
+    packages = [await subscribe(api, f"94001000000000000004{n:02}") for n in range(5)]
+    await change(engine, *packages)
+    await queue(engine, clock)
+    assert len(await claim(engine, clock.now)) == 1  # a second's worth at 1/s
+    async with engine.connect() as conn:
+        due = await notify.next_due(conn)
+    assert due is not None
+    assert due >= clock.now  # not a busy loop while four more lanes are due
+
+
+async def test_a_replay_waits_for_a_fan_out_in_progress_rather_than_be_overwritten(
+    api: Client, engine: AsyncEngine, consumer: Consumer
+) -> None:
+    endpoint = await register(api, consumer.url)
+    page = await (await api.get("/v1/changes")).json()
+    async with engine.connect() as holder:  # a fan-out in progress holds the lock
+        await holder.execute(sa.select(sa.func.pg_advisory_lock(notify.FAN_OUT_LOCK)))
+        replaying = asyncio.ensure_future(
+            api.post(f"/v1/endpoints/{endpoint['id']}/replay", json={"after": page["next_cursor"]})
+        )
+
+        async def waiting() -> bool | None:
+            query = sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return True if await holder.scalar(query) else None
+
+        await eventually(waiting)
+        assert not replaying.done()
+        await holder.execute(sa.select(sa.func.pg_advisory_unlock(notify.FAN_OUT_LOCK)))
+    assert (await replaying).status == 202
+
+
+async def test_a_send_whose_lease_ran_out_counts_only_for_the_claim_that_holds_the_lane(
+    api: Client, engine: AsyncEngine, consumer: Consumer, make_notifier: MakeNotifier, clock: Clock
+) -> None:
+    await register(api, consumer.url)
+    subscription_id = await subscribe(api, "9400100000000000000018")
+    await change(engine, subscription_id)
+    await change(engine, subscription_id)
+    await queue(engine, clock)
+    (stale,) = await claim(engine, clock.now)
+    (current,) = await claim(engine, clock.now + timedelta(seconds=61))  # the lease ran out
+    assert current.change_id == stale.change_id
+    notifier = make_notifier()
+
+    def finished(send: notify.Send, delivered: bool) -> notify.Finished:
+        answer = Answer(
+            NotifyOutcome.DELIVERED if delivered else NotifyOutcome.FAILED, 200, 1.0, ""
+        )
+        return notifier._judge(send, answer, clock.now)
+
+    async with engine.begin() as conn:  # the stale one's late success, the current failure
+        await notify.record(conn, [finished(stale, True), finished(current, False)])
+    async with engine.connect() as conn:
+        lane = (await conn.execute(sa.select(notify_lanes))).mappings().one()
+        queued = await conn.scalar(sa.select(sa.func.count()).select_from(notify_messages))
+    assert (lane["pending"], lane["failures"], lane["claim_token"]) == (2, 1, None)
+    assert queued == 2  # the first change is sent again, by the claim that holds its lane
+
+
+async def test_an_endpoint_deleted_mid_send_costs_the_others_nothing(
+    api: Client, engine: AsyncEngine, consumer: Consumer, make_notifier: MakeNotifier, clock: Clock
+) -> None:
+    gone = await register(api, consumer.url + "?gone")
+    await register(api, consumer.url + "?kept")
+    subscription_id = await subscribe(api, "9400100000000000000019")
+    await change(engine, subscription_id)
+    await queue(engine, clock)
+    sends = await claim(engine, clock.now)
+    assert len(sends) == 2
+    assert (await api.delete(f"/v1/endpoints/{gone['id']}")).status == 204
+    notifier = make_notifier()
+    answer = Answer(NotifyOutcome.DELIVERED, 204, 1.0, "")
+    async with engine.begin() as conn:
+        await notify.record(conn, [notifier._judge(send, answer, clock.now) for send in sends])
+    assert await count(engine, notify_messages) == 0
+    assert len(await attempts(engine)) == 1  # the kept endpoint's

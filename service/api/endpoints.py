@@ -14,6 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Self
 
+import sqlalchemy as sa
 from aiohttp import web
 from pydantic import (
     AwareDatetime,
@@ -45,6 +46,7 @@ from service.domain.endpoints import (
     DESCRIPTION_MAX_CHARS,
     PREVIOUS_SECRET_LIFETIME,
     RATE_LIMIT_MAX_PER_S,
+    RATE_LIMIT_MIN_PER_S,
     URL_MAX_CHARS,
     EndpointState,
     UrlRefused,
@@ -69,7 +71,7 @@ RESOLVE_TIMEOUT_S = 2.0
 Url = Annotated[str, StringConstraints(min_length=1, max_length=URL_MAX_CHARS)]
 Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_CHARS)]
 Types = Annotated[list[ChangeType], Field(min_length=1, max_length=64)]
-RatePerSecond = Annotated[float, Field(gt=0, le=RATE_LIMIT_MAX_PER_S)]
+RatePerSecond = Annotated[float, Field(ge=RATE_LIMIT_MIN_PER_S, le=RATE_LIMIT_MAX_PER_S)]
 
 TYPES_MEANING = "the change types it receives; absent or null: every type, those added later too"
 RATE_MEANING = "sends to it at most this many per second; null: no limit"
@@ -421,8 +423,11 @@ async def ping_endpoint(request: web.Request) -> web.Response:
         allowed_hosts=settings.notify_allowed_hosts,
     )
     attempt = Attempt.of(target.endpoint_id, message_id, None, PING_TYPE, 1, answer, now)
-    async with request.app[ENGINE].begin() as conn:
-        (row,) = await notify.record_attempts(conn, [attempt])
+    try:
+        async with request.app[ENGINE].begin() as conn:
+            (row,) = await notify.record_attempts(conn, [attempt])
+    except sa.exc.IntegrityError:  # deleted while the ping was on its way
+        raise NotFound.resource("endpoint") from None
     return json_answer(NotifyAttemptOut.model_validate(dict(row)))
 
 

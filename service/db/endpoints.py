@@ -145,6 +145,8 @@ async def rewind(conn: AsyncConnection, endpoint_id: uuid.UUID, position: Positi
     there (never forward: what it has not taken yet is sent anyway), the senders woken at
     commit. The caller checked whose endpoint it is."""
     cursor = notify_cursors.c
+    # A fan-out in progress would write its cursor over this one: wait for it to commit.
+    await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(notify.FAN_OUT_LOCK)))
     await conn.execute(
         sa.update(notify_cursors)
         .where(

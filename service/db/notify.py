@@ -36,7 +36,7 @@ from service.db.tables import (
     notify_endpoints,
     notify_lanes,
 )
-from service.domain.endpoints import EndpointState
+from service.domain.endpoints import RATE_LIMIT_MIN_PER_S, EndpointState
 from service.domain.notifications import SEND_AHEAD_S, Answer, secrets_in_force
 
 log = structlog.get_logger(__name__)
@@ -333,7 +333,9 @@ async def claim(
         send_at = now
         if rate := endpoint["rate_limit_per_s"]:
             send_at = spacing.get(endpoint["id"]) or max(now, endpoint["next_send_at"] or now)
-            spacing[endpoint["id"]] = send_at + timedelta(seconds=1 / rate)
+            # The API takes no slower pace; a row written otherwise must not stop every send.
+            gap_s = 1 / max(rate, RATE_LIMIT_MIN_PER_S)
+            spacing[endpoint["id"]] = send_at + timedelta(seconds=gap_s)
         sends.append(_send(endpoint, row, send_at, now))
     if spacing:
         await conn.execute(
@@ -438,40 +440,34 @@ class Recorded:
 
 
 async def record(conn: AsyncConnection, finished: Sequence[Finished]) -> Recorded:
-    """Keep each attempt, delete what was delivered, release the lanes (only by the claim that
-    holds each: a lease that ran out belongs to whoever claimed the lane since) and disable or
-    pause endpoints. `conn` must be in a transaction."""
+    """Keep each attempt; for each send whose claim still holds its lane (a lease that ran
+    out belongs to whoever claimed the lane since), delete what was delivered and release the
+    lane; disable or pause endpoints. `conn` must be in a transaction."""
     if not finished:
         return Recorded([])
     db = await driver_connection(conn)
-    lanes = {(f.send.target.endpoint_id, f.send.subscription_id): f for f in finished}
     released = await _FINISH.fetch(
         db,
         attempts=json_rows([f.attempt.row() for f in finished]),
-        delivered=json_rows(
-            [
-                {"endpoint_id": f.send.target.endpoint_id, "change_id": f.send.change_id}
-                for f in finished
-                if f.delivered
-            ]
-        ),
-        lanes=json_rows(
+        finished=json_rows(
             [
                 {
-                    "endpoint_id": endpoint_id,
-                    "subscription_id": subscription_id,
+                    "endpoint_id": f.send.target.endpoint_id,
+                    "subscription_id": f.send.subscription_id,
                     "claim_token": f.send.claim_token,
+                    "change_id": f.send.change_id,
+                    "delivered": f.delivered,
                     "failures": f.failures,
                     "next_attempt_at": f.next_attempt_at,
                 }
-                for (endpoint_id, subscription_id), f in lanes.items()
+                for f in finished
             ]
         ),
     )
     empty = [
         {"endpoint_id": row["endpoint_id"], "subscription_id": row["subscription_id"]}
         for row in released
-        if row["pending"] == 0 and row["free"]
+        if row["pending"] == 0
     ]
     if empty:
         await _DROP_EMPTY_LANES.fetch(db, lanes=json_rows(empty))
@@ -539,10 +535,12 @@ async def next_due(conn: AsyncConnection) -> datetime | None:
         .where(notify_lanes.c.endpoint_id == notify_endpoints.c.id)
         .scalar_subquery()
     )
-    # greatest() skips NULLs: an endpoint with no lane has nothing due, paused or not.
+    # greatest() skips NULLs: an endpoint with no lane has nothing due, paused or not. A
+    # rate-limited one's next claim waits for its next send to come within SEND_AHEAD_S.
+    next_claim = notify_endpoints.c.next_send_at - timedelta(seconds=SEND_AHEAD_S)
     due = sa.case(
         (earliest_lane.is_(None), None),
-        else_=sa.func.greatest(earliest_lane, notify_endpoints.c.paused_until),
+        else_=sa.func.greatest(earliest_lane, notify_endpoints.c.paused_until, next_claim),
     )
     query = sa.select(sa.func.min(due)).where(
         notify_endpoints.c.state == EndpointState.ENABLED.value

@@ -27,6 +27,8 @@ PREVIOUS_SECRET_LIFETIME = timedelta(hours=24)
 URL_MAX_CHARS = 2048
 DESCRIPTION_MAX_CHARS = 512
 RATE_LIMIT_MAX_PER_S = 10_000.0
+# One send in 100 seconds at the slowest: a slower pace is a consumer that should be disabled.
+RATE_LIMIT_MIN_PER_S = 0.01
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Link-local addresses, where clouds serve instance metadata (credentials among it): no
@@ -37,6 +39,7 @@ FORBIDDEN_NETWORKS = (
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),
 )
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class EndpointState(enum.StrEnum):
@@ -96,11 +99,28 @@ def refused_address(host: str) -> str | None:
     address = ip_literal(host)
     if address is None:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if any(address in network for network in FORBIDDEN_NETWORKS):
+    if any(candidate in network for candidate in _forms(address) for network in FORBIDDEN_NETWORKS):
         return f"a link-local or cloud metadata address ({address})"
     return None
+
+
+def _forms(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address, and the IPv4 address an IPv6 one carries and reaches where a network
+    translates it: IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), 6to4
+    (2002:aabb:ccdd::) and NAT64's well-known prefix (64:ff9b::a.b.c.d)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return [address]
+    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if address.ipv4_mapped is not None:
+        forms.append(address.ipv4_mapped)
+    if address.sixtofour is not None:
+        forms.append(address.sixtofour)
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if int(address) >> 32 == 0 or address in NAT64:
+        forms.append(low32)
+    return forms
 
 
 def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -25,8 +25,10 @@ ATTEMPTS = 1 + len(RETRY_SCHEDULE_S)
 # Each retry comes up to this fraction earlier or later, so that the messages of a consumer
 # that was down do not all come back at the same second.
 JITTER = 0.2
-# A consumer's Retry-After is obeyed up to the schedule's longest wait.
+# A consumer's Retry-After is obeyed up to the schedule's longest wait, and never shorter than
+# its first: a 0 or a date in the past would have the endpoint hammered without end.
 MAX_PAUSE_S = max(RETRY_SCHEDULE_S)
+MIN_PAUSE_S = RETRY_SCHEDULE_S[0]
 # What is kept of an answer's body, for ops to read in the attempts.
 RESPONSE_KEPT_BYTES = 4096
 PING_TYPE = "ping"
@@ -98,20 +100,24 @@ def outcome_of_status(status: int, retry_after_s: float | None) -> NotifyOutcome
 
 
 def retry_after_s(value: str | None, now: datetime) -> float | None:
-    """A Retry-After header's wait in seconds (delay-seconds or an HTTP date), at most
-    MAX_PAUSE_S; None when absent or not either form."""
+    """A Retry-After header's wait in seconds (delay-seconds or an HTTP date), within
+    MIN_PAUSE_S..MAX_PAUSE_S; None when absent or not either form."""
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return min(float(value), MAX_PAUSE_S)
+        return _bounded_pause(float(value))
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         return None
-    return min(max((when - now).total_seconds(), 0.0), MAX_PAUSE_S)
+    return _bounded_pause((when - now).total_seconds())
+
+
+def _bounded_pause(seconds: float) -> float:
+    return min(max(seconds, MIN_PAUSE_S), MAX_PAUSE_S)
 
 
 def secret_key(secret: str) -> bytes:

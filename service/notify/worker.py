@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 RECORD_BATCH = 256
 FAN_OUT_PAGE = 500
 POLL_INTERVAL_S = 5.0
+# The shortest sleep between rounds that found something due but claimed nothing.
+MIN_WAIT_S = 0.05
 # How long a drain waits for transactions begun before it to end (their changes to show).
 DRAIN_SETTLE_S = 10.0
 OUTAGE_BACKOFF_MAX_S = 30.0
@@ -259,7 +261,9 @@ class Notifier:
                 due = await notify.next_due(conn)
         wait_s = POLL_INTERVAL_S
         if due is not None:
-            wait_s = min(wait_s, (due - self._clock()).total_seconds())
+            # Never a busy loop: what is due but cannot be claimed (another worker's sends
+            # fill its endpoint's room) is looked at again a little later.
+            wait_s = min(wait_s, max((due - self._clock()).total_seconds(), MIN_WAIT_S))
         if not await _wait(self._wake, wait_s) and wait_s >= POLL_INTERVAL_S:
             self._feed_moved = True  # a poll: in case a NOTIFY was lost
 

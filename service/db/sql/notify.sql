@@ -73,11 +73,25 @@ CROSS JOIN LATERAL (
 ORDER BY c.endpoint_id
 
 -- name: finish
--- What sends did: every attempt kept; a delivered message deleted (by its id, so a send whose
--- lease ran out still counts it once); the lane released by the claim that holds it, with its
--- next attempt and failures, and shortened by what was deleted. (A data-modifying WITH runs
--- whether or not the statement reads it.)
-WITH attempted AS (
+-- What sends did. Only a send whose claim still holds its lane counts: one whose lease ran out
+-- and whose lane was claimed again is left to the new claim, which sends the message again (at
+-- least once), so a late answer never deletes a message, nor charges a failure, that is not
+-- its own. Every attempt is kept (an endpoint deleted meanwhile keeps none); a delivered
+-- message is deleted; its lane is released with its next attempt and failures, shortened by
+-- what was deleted. The lanes are locked first, so no claim moves them meanwhile. (A
+-- data-modifying WITH runs whether or not the statement reads it.)
+WITH finished AS (
+    SELECT * FROM json_to_recordset(CAST(:finished AS json))
+        AS v(endpoint_id uuid, subscription_id uuid, claim_token uuid, change_id bigint,
+             delivered boolean, failures integer, next_attempt_at timestamptz)
+), holding AS (
+    SELECT f.*
+    FROM finished AS f
+    JOIN notify_lanes AS l
+      ON l.endpoint_id = f.endpoint_id AND l.subscription_id = f.subscription_id
+     AND l.claim_token = f.claim_token
+    FOR UPDATE OF l
+), attempted AS (
     INSERT INTO notify_attempts
         (endpoint_id, message_id, subscription_id, type, attempt, outcome, status_code,
          latency_ms, response, attempted_at)
@@ -87,30 +101,24 @@ WITH attempted AS (
         AS v(endpoint_id uuid, message_id text, subscription_id uuid, type text,
              attempt integer, outcome text, status_code integer, latency_ms double precision,
              response text, attempted_at timestamptz)
+    WHERE EXISTS (SELECT FROM notify_endpoints AS e WHERE e.id = v.endpoint_id)
     RETURNING 1
 ), sent AS (
     DELETE FROM notify_messages AS m
-    USING json_to_recordset(CAST(:delivered AS json)) AS v(endpoint_id uuid, change_id bigint)
-    WHERE m.endpoint_id = v.endpoint_id AND m.change_id = v.change_id
+    USING holding AS h
+    WHERE h.delivered AND m.endpoint_id = h.endpoint_id AND m.change_id = h.change_id
     RETURNING m.endpoint_id, m.subscription_id
-), removed AS (
-    SELECT endpoint_id, subscription_id, count(*) AS n FROM sent GROUP BY 1, 2
-), released AS (
-    SELECT v.*, coalesce(r.n, 0) AS removed
-    FROM json_to_recordset(CAST(:lanes AS json))
-        AS v(endpoint_id uuid, subscription_id uuid, claim_token uuid, failures integer,
-             next_attempt_at timestamptz)
-    LEFT JOIN removed AS r USING (endpoint_id, subscription_id)
 )
 UPDATE notify_lanes AS l
-SET pending = l.pending - r.removed,
-    failures = CASE WHEN l.claim_token = r.claim_token THEN r.failures ELSE l.failures END,
-    next_attempt_at = CASE WHEN l.claim_token = r.claim_token
-                           THEN r.next_attempt_at ELSE l.next_attempt_at END,
-    claim_token = CASE WHEN l.claim_token = r.claim_token THEN NULL ELSE l.claim_token END
-FROM released AS r
-WHERE l.endpoint_id = r.endpoint_id AND l.subscription_id = r.subscription_id
-RETURNING l.endpoint_id, l.subscription_id, l.pending, l.claim_token IS NULL AS free
+SET pending = l.pending - (SELECT count(*) FROM sent AS s
+                           WHERE s.endpoint_id = h.endpoint_id
+                             AND s.subscription_id = h.subscription_id),
+    failures = h.failures,
+    next_attempt_at = h.next_attempt_at,
+    claim_token = NULL
+FROM holding AS h
+WHERE l.endpoint_id = h.endpoint_id AND l.subscription_id = h.subscription_id
+RETURNING l.endpoint_id, l.subscription_id, l.pending
 
 -- name: drop_empty_lanes
 -- Lanes with nothing left to send and nobody sending. The condition is checked again on the
