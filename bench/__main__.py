@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON goes")
-    parser.add_argument("--timeout-s", type=float, default=900.0, help="stop everything after")
+    parser.add_argument("--timeout-s", type=float, default=1200.0, help="stop everything after")
     args = parser.parse_args(argv)
     unknown = set(args.suites) - set(SUITES)
     if unknown:
