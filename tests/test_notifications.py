@@ -1014,3 +1014,34 @@ async def test_an_endpoint_deleted_mid_send_costs_the_others_nothing(
         await notify.record(conn, [notifier._judge(send, answer, clock.now) for send in sends])
     assert await count(engine, notify_messages) == 0
     assert len(await attempts(engine)) == 1  # the kept endpoint's
+
+
+async def test_a_clients_pings_to_a_tarpit_hold_back_no_other_client(
+    api: Client, engine: AsyncEngine, consumer: Consumer
+) -> None:
+    released = asyncio.Event()
+
+    async def answer(received: Received) -> web.StreamResponse:
+        if received.query == "tarpit":
+            await released.wait()  # until the test lets it answer
+        return web.Response(status=204)
+
+    consumer.answer = answer
+    tarpit = await register(api, consumer.url + "?tarpit")
+    async with engine.begin() as conn:
+        other = bearer((await create_token(conn, "billing", [Scope.WRITE])).plaintext)
+    theirs = await register(api, consumer.url + "?theirs", headers=other)
+
+    held = [asyncio.ensure_future(api.post(f"/v1/endpoints/{tarpit['id']}/test")) for _ in "ab"]
+    for _ in held:
+        await asyncio.wait_for(consumer.arrivals.get(), timeout=10)
+    refused = await api.post(f"/v1/endpoints/{tarpit['id']}/test")
+    assert refused.status == 429
+    assert (await refused.json())["errors"][0]["error_code"] == "too_many_pings"
+    answered = await api.post(f"/v1/endpoints/{theirs['id']}/test", headers=other)
+    assert (await answered.json())["outcome"] == "delivered"
+
+    released.set()
+    for ping in held:
+        assert (await ping).status == 200
+    assert (await api.post(f"/v1/endpoints/{tarpit['id']}/test")).status == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from service.api.keys import (
     ENGINE,
     METRICS,
     NOTIFY_HTTP,
+    PINGS_IN_FLIGHT,
     READ_ENGINE,
     SETTINGS,
     SUBSCRIBE_COMMITS,
@@ -53,8 +55,9 @@ log = structlog.get_logger(__name__)
 PARTITION_MAINTENANCE_INTERVAL_S = 3600.0
 PARTITION_MAINTENANCE_START_S = 10.0
 PRUNE_BATCH = 5000
-# Pings (`POST /v1/endpoints/{id}/test`) in flight at once from one API process.
-PING_CONNECTIONS = 8
+# Pings (`POST /v1/endpoints/{id}/test`) in flight at once from one API process: room for
+# sixteen clients at their limit (`endpoints.PINGS_PER_CLIENT`).
+PING_CONNECTIONS = 32
 
 # The API. Each handler declares its operation (`@operation`, service/api/operations.py), and
 # GET /v1/openapi.json documents every one the app serves.
@@ -81,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app[SCRAPE_ACCESS] = ScrapeAccess()
     app[TOKENS] = {}
+    app[PINGS_IN_FLIGHT] = collections.Counter()
     app[SUMMARY] = {}
     app.on_cleanup.append(stop_recounting)
     app.on_response_prepare.append(echo_request_id)

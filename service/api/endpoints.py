@@ -29,8 +29,8 @@ from pydantic import (
 from service.api.auth import CLIENT, Forbidden, has_scope
 from service.api.body import read_json
 from service.api.changes import cursor_errors, decode_cursor, encode_cursor
-from service.api.errors import ErrorDetail, NotFound, ValidationFailed
-from service.api.keys import ENGINE, NOTIFY_HTTP, SETTINGS
+from service.api.errors import ErrorDetail, NotFound, TooManyRequests, ValidationFailed
+from service.api.keys import ENGINE, NOTIFY_HTTP, PINGS_IN_FLIGHT, SETTINGS
 from service.api.operations import JSON_BODY_ERRORS, Answer, Param, json_answer, operation
 from service.api.schemas import QueryInt, parse_body, parse_query, path_id
 from service.api.subscriptions import READERS
@@ -67,6 +67,8 @@ ENDPOINT_ID = {"id": Param({"type": "string", "format": "uuid"}, "the endpoint's
 # checks every address again at send time, so a name that does not resolve yet (a consumer not
 # deployed yet) may still be registered.
 RESOLVE_TIMEOUT_S = 2.0
+# Pings of one client in flight at once, in one API process.
+PINGS_PER_CLIENT = 2
 
 Url = Annotated[str, StringConstraints(min_length=1, max_length=URL_MAX_CHARS)]
 Description = Annotated[str, StringConstraints(max_length=DESCRIPTION_MAX_CHARS)]
@@ -403,16 +405,40 @@ async def replay_endpoint(request: web.Request) -> web.Response:
         "endpoint, whatever the consumer answers."
     ),
     answers={200: Answer(NotifyAttemptOut, "The attempt, as `attempts` will show it")},
-    errors=(404,),
+    errors=(404, 429),
 )
 async def ping_endpoint(request: web.Request) -> web.Response:
-    endpoint_id, settings = endpoint_id_of(request), request.app[SETTINGS]
+    endpoint_id = endpoint_id_of(request)
     async with request.app[ENGINE].connect() as conn:
         target = await queries.target_of(conn, endpoint_id, _owner(request))
     if target is None:
         raise NotFound.resource("endpoint")
+    # A client's pings to a consumer that never answers hold the process's ping connections
+    # for NOTIFY_TIMEOUT_S each: a few per client, so one client cannot take them all.
+    in_flight, client = request.app[PINGS_IN_FLIGHT], request[CLIENT]
+    if in_flight[client] >= PINGS_PER_CLIENT:
+        raise TooManyRequests(
+            ErrorDetail(
+                "business_rules",
+                "too_many_pings",
+                f"at most {PINGS_PER_CLIENT} pings of one client in flight; retry when one ends",
+            )
+        )
+    in_flight[client] += 1
+    try:
+        row = await _ping(request, target)
+    finally:
+        in_flight[client] -= 1
+        if not in_flight[client]:
+            del in_flight[client]
+    return json_answer(NotifyAttemptOut.model_validate(dict(row)))
+
+
+async def _ping(request: web.Request, target: notify.Target) -> Any:
+    """Send the ping and keep its attempt."""
+    settings = request.app[SETTINGS]
     now = datetime.now(UTC)
-    message_id, body = ping(endpoint_id, now)
+    message_id, body = ping(target.endpoint_id, now)
     answer = await sending.post(
         request.app[NOTIFY_HTTP],
         target.url,
@@ -428,7 +454,7 @@ async def ping_endpoint(request: web.Request) -> web.Response:
             (row,) = await notify.record_attempts(conn, [attempt])
     except sa.exc.IntegrityError:  # deleted while the ping was on its way
         raise NotFound.resource("endpoint") from None
-    return json_answer(NotifyAttemptOut.model_validate(dict(row)))
+    return row
 
 
 @routes.get("/v1/endpoints/{id}/attempts")

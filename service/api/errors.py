@@ -107,6 +107,10 @@ class Gone(ApiError):
     status = 410
 
 
+class TooManyRequests(ApiError):
+    status = 429
+
+
 def http_error_detail(status: int, reason: str) -> ErrorDetail:
     """aiohttp's own HTTP errors (no route, wrong method, body too large) in our shape."""
     codes = {

@@ -1,5 +1,7 @@
 """Typed keys for what the app shares between handlers."""
 
+import collections
+
 import aiohttp
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,5 +22,6 @@ VERIFIER = web.AppKey("verifier", SignatureVerifier)
 # Group commit of webhook deliveries, and of single subscribes.
 DELIVERY_COMMITS: web.AppKey[GroupCommit[Incoming, FiledDelivery]] = web.AppKey("deliveries")
 SUBSCRIBE_COMMITS: web.AppKey[GroupCommit[NewSubscription, Subscribed]] = web.AppKey("subscribes")
-# Where `POST /v1/endpoints/{id}/test` sends its ping from.
+# Where `POST /v1/endpoints/{id}/test` sends its ping from, and each client's pings in flight.
 NOTIFY_HTTP = web.AppKey("notify_http", aiohttp.ClientSession)
+PINGS_IN_FLIGHT = web.AppKey("pings_in_flight", collections.Counter)

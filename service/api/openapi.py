@@ -141,6 +141,7 @@ ERROR_DESCRIPTIONS = {
     413: "The body is too large",
     415: "The body is not `application/json`",
     422: "A field is invalid: one error per field",
+    429: "Too many of these in flight for the caller's client; retry when one has ended",
     503: "The database is unreachable; retry",
 }
 
