@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import sqlalchemy as sa
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,7 +27,7 @@ from service.db import changes as feed
 from service.db import notify
 from service.db.tables import notify_attempts, notify_endpoints, notify_lanes, notify_messages
 from service.db.tokens import create_token
-from service.dispatcher.runtime import build_notifier
+from service.dispatcher.runtime import build_notifier, render_change
 from service.domain.access import Scope
 from service.domain.changes import ChangeType
 from service.domain.endpoints import new_secret
@@ -1045,3 +1046,38 @@ async def test_a_clients_pings_to_a_tarpit_hold_back_no_other_client(
     for ping in held:
         assert (await ping).status == 200
     assert (await api.post(f"/v1/endpoints/{tarpit['id']}/test")).status == 200
+
+
+async def test_a_disabled_endpoint_is_logged_at_warning_with_its_id_and_reason_only(
+    api: Client, engine: AsyncEngine, consumer: Consumer, make_notifier: MakeNotifier
+) -> None:
+    endpoint, _ = await one_change_to(
+        api, engine, consumer, "9400100000000000000020", answering(410)
+    )
+    with structlog.testing.capture_logs() as logs:
+        await make_notifier().drain()
+    (disabled,) = [entry for entry in logs if entry["event"] == "notify.endpoint_disabled"]
+    assert disabled["log_level"] == "warning"
+    assert disabled["endpoint_id"] == endpoint["id"]
+    assert disabled["reason"] == "the endpoint answered 410 Gone"
+    assert consumer.url not in str(logs)  # a consumer's URL may carry its own token
+
+
+async def test_a_full_queue_takes_no_more_of_the_feed_until_it_has_room(
+    api: Client, engine: AsyncEngine, consumer: Consumer, make_notifier: MakeNotifier, clock: Clock
+) -> None:
+    endpoint = await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000006{n:02}") for n in range(5)]
+    await change(engine, *packages)
+
+    async def fan_out() -> notify.FanOut:
+        return await notify.fan_out(
+            engine, now=clock.now, page=500, backlog=2, render=render_change
+        )
+
+    first = await fan_out()
+    assert first.queued == 5  # a page is taken whole, then the queue is full
+    again = await fan_out()
+    assert (again.queued, again.full) == (0, frozenset({uuid.UUID(endpoint["id"])}))
+    await make_notifier(notify_queue_per_endpoint=2).drain()
+    assert sorted(r.subscription_id for r in consumer.received) == sorted(packages)

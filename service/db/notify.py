@@ -141,7 +141,7 @@ class Finished:
 class FanOut:
     queued: int  # messages queued
     unread: bool  # the feed holds more than a page for an endpoint: read on at once
-    full: bool  # an endpoint's queue was full: read on once it has room
+    full: frozenset[uuid.UUID]  # endpoints whose queue was full: read on once one has room
 
 
 async def fan_out(
@@ -151,16 +151,16 @@ async def fan_out(
     each (nothing when another worker is at it: it does the same)."""
     async with engine.begin() as conn:
         if not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(FAN_OUT_LOCK))):
-            return FanOut(0, unread=False, full=False)
-        followers, held = await _followers(conn, backlog)
+            return FanOut(0, unread=False, full=frozenset())
+        followers, full = await _followers(conn, backlog)
         if not followers:
-            return FanOut(0, unread=False, full=held)
+            return FanOut(0, unread=False, full=full)
         # The feed is read in a snapshot of its own; this transaction writes only at the end,
         # so it holds no transaction id (and so the feed's horizon) back while the feed is read.
         async with changes.snapshot(engine) as feed:
             messages, cursors, unread = await _read_for(feed, followers, page, render)
         if not cursors:
-            return FanOut(0, unread=False, full=held)
+            return FanOut(0, unread=False, full=full)
         db = await driver_connection(conn)
         result = await _ENQUEUE.fetch(
             db,
@@ -168,7 +168,7 @@ async def fan_out(
             cursors=json_rows(cursors),
             now=now,
         )
-        return FanOut(result[0]["queued"], unread=unread, full=held)
+        return FanOut(result[0]["queued"], unread=unread, full=full)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +184,10 @@ class _Follower:
         )
 
 
-async def _followers(conn: AsyncConnection, backlog: int) -> tuple[list[_Follower], bool]:
-    """Enabled endpoints whose queue has room, and whether any other's was full."""
+async def _followers(
+    conn: AsyncConnection, backlog: int
+) -> tuple[list[_Follower], frozenset[uuid.UUID]]:
+    """Enabled endpoints whose queue has room, and those whose queue is full."""
     queued = (
         sa.select(sa.func.coalesce(sa.func.sum(notify_lanes.c.pending), 0))
         .where(notify_lanes.c.endpoint_id == notify_endpoints.c.id)
@@ -215,7 +217,7 @@ async def _followers(conn: AsyncConnection, backlog: int) -> tuple[list[_Followe
         for row in rows
         if not row.full
     ]
-    return followers, len(followers) < len(rows)
+    return followers, frozenset(row.id for row in rows if row.full)
 
 
 async def _read_for(

@@ -35,6 +35,7 @@ from service.domain.subscriptions import (
     Transition,
 )
 from service.metrics import Metrics
+from service.process.waiting import wait_set
 
 log = structlog.get_logger(__name__)
 
@@ -132,11 +133,11 @@ class Dispatcher:
                     log.info("dispatch.database_back")
                     outage_s = 0.0
                 if len(self._calls) >= self._concurrency:
-                    await _wait(self._slot_free, self._poll_interval_s)
+                    await wait_set(self._slot_free, self._poll_interval_s)
                 elif held_for_s is not None:
                     # The budget or a pause holds claiming back: new work cannot change that,
                     # so no NOTIFY wakes us and nothing is asked of the database meanwhile.
-                    await _wait(self._stopping, min(held_for_s, self._poll_interval_s))
+                    await wait_set(self._stopping, min(held_for_s, self._poll_interval_s))
                 elif claimed < wanted:
                     await self._sleep_until_work()  # all that was due is taken
             except Exception as error:
@@ -149,7 +150,7 @@ class Dispatcher:
                     )
                 else:
                     log.exception("dispatch.claim_failed", retry_in_s=outage_s)
-                await _wait(self._stopping, outage_s)
+                await wait_set(self._stopping, outage_s)
 
     async def _claim_and_start(self, due_by: datetime | None = None) -> tuple[int, float | None]:
         free = self._concurrency - len(self._calls)
@@ -189,7 +190,7 @@ class Dispatcher:
         """Until new work is notified, a retry falls due, or the poll interval passes."""
         async with self._engine.connect() as conn:
             due_in_s = await dispatch.next_due_in_s(conn)
-        await _wait(
+        await wait_set(
             self._wake,
             self._poll_interval_s if due_in_s is None else min(due_in_s, self._poll_interval_s),
         )
@@ -316,8 +317,3 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
-
-
-async def _wait(event: asyncio.Event, timeout_s: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))

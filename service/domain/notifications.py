@@ -63,9 +63,9 @@ class Verdict:
     """What an attempt's outcome does to its message and its endpoint."""
 
     delivered: bool = False
-    counts: bool = True  # towards the endpoint being disabled
     disable: str | None = None  # why the endpoint is disabled now
-    pause_s: float | None = None  # how long the endpoint pauses
+    # How long the endpoint pauses; a pause is no failure (it counts not towards disabling).
+    pause_s: float | None = None
 
 
 def verdict(
@@ -73,11 +73,11 @@ def verdict(
 ) -> Verdict:
     """What follows an attempt of a message that had failed `failures_before` times."""
     if outcome is NotifyOutcome.DELIVERED:
-        return Verdict(delivered=True, counts=False)
+        return Verdict(delivered=True)
     if outcome is NotifyOutcome.GONE:
         return Verdict(disable="the endpoint answered 410 Gone")
     if outcome is NotifyOutcome.THROTTLED and retry_after_s is not None:
-        return Verdict(counts=False, pause_s=retry_after_s)
+        return Verdict(pause_s=retry_after_s)
     if failures_before + 1 >= ATTEMPTS:
         return Verdict(disable=f"{ATTEMPTS} attempts of one message failed, the last {outcome}")
     return Verdict()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -31,6 +32,7 @@ from service.db.notify import WAKE_CHANNEL, Attempt, Finished, Send
 from service.domain.notifications import Answer, retry_delay_s, verdict
 from service.metrics import Metrics
 from service.notify.sending import post
+from service.process.waiting import wait_set
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +95,7 @@ class Notifier:
         # feed's NOTIFY), an endpoint enabled or replayed, a queue that was full has room, or
         # the poll interval passed (a NOTIFY lost).
         self._feed_moved = True
-        self._queues_full = False
+        self._queues_full: frozenset[uuid.UUID] = frozenset()
 
     # -- running -----------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Notifier:
                     )
                 else:
                     log.exception("notify.round_failed", retry_in_s=outage_s)
-                await _wait(self._stopping, outage_s)
+                await wait_set(self._stopping, outage_s)
 
     async def _fan_out(self) -> notify.FanOut:
         return await notify.fan_out(
@@ -224,15 +226,13 @@ class Notifier:
 
     def _judge(self, send: Send, answer: Answer, now: datetime) -> Finished:
         judged = verdict(answer.outcome, send.failures, answer.retry_after_s)
-        failures, next_attempt_at, pause_until = send.failures, now, None
+        failures, next_attempt_at, pause_until = 0, now, None  # delivered: the next is due now
         if judged.pause_s is not None:
-            pause_until = now + timedelta(seconds=judged.pause_s)
-            next_attempt_at = pause_until
+            failures = send.failures
+            pause_until = next_attempt_at = now + timedelta(seconds=judged.pause_s)
         elif not judged.delivered:
-            failures += 1
+            failures = send.failures + 1
             next_attempt_at = now + timedelta(seconds=retry_delay_s(failures, self._rng))
-        elif judged.delivered:
-            failures = 0
         attempt = Attempt.of(
             send.target.endpoint_id,
             send.message_id,
@@ -264,7 +264,7 @@ class Notifier:
             # Never a busy loop: what is due but cannot be claimed (another worker's sends
             # fill its endpoint's room) is looked at again a little later.
             wait_s = min(wait_s, max((due - self._clock()).total_seconds(), MIN_WAIT_S))
-        if not await _wait(self._wake, wait_s) and wait_s >= POLL_INTERVAL_S:
+        if not await wait_set(self._wake, wait_s) and wait_s >= POLL_INTERVAL_S:
             self._feed_moved = True  # a poll: in case a NOTIFY was lost
 
     # -- recording ---------------------------------------------------------------------------
@@ -279,7 +279,7 @@ class Notifier:
             finally:
                 for _ in batch:
                     self._finished.task_done()
-            if self._queues_full and any(finished.delivered for finished in batch):
+            if any(f.delivered and f.send.target.endpoint_id in self._queues_full for f in batch):
                 self._feed_moved = True  # a full queue has room again
             self._wake.set()  # a delivered lane's next message is due now; slots are free
 
@@ -347,12 +347,3 @@ class Notifier:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
-
-
-async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
-    """Whether `event` was set within `timeout_s`."""
-    try:
-        await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
-    except TimeoutError:
-        return False
-    return True
