@@ -509,6 +509,14 @@ notify_lanes = sa.Table(
     sa.CheckConstraint("pending >= 0", name="pending"),
 )
 sa.Index("ix_notify_lanes_due", notify_lanes.c.endpoint_id, notify_lanes.c.next_attempt_at)
+# The lanes being sent, counted against each endpoint's room by every claim: without it the
+# count reads every lane whose retry is ahead (all of a dead consumer's queue).
+sa.Index(
+    "ix_notify_lanes_claimed",
+    notify_lanes.c.endpoint_id,
+    notify_lanes.c.next_attempt_at,
+    postgresql_where=notify_lanes.c.claim_token.is_not(None),
+)
 
 # Every send to an endpoint and how it went (`NotifyOutcome`), kept as long as the feed.
 notify_attempts = sa.Table(
