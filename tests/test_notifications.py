@@ -537,15 +537,21 @@ async def test_an_endpoint_never_receives_another_clients_changes_unless_ops_mad
 # -- sharing one endpoint among workers -------------------------------------------------------
 
 
-async def claim(engine: AsyncEngine, now: datetime, *, per_endpoint: int = 16) -> list[notify.Send]:
-    async with engine.begin() as conn:
-        return await notify.claim(
-            conn,
-            now=now,
-            lease_until=now + timedelta(seconds=60),
-            per_endpoint=per_endpoint,
-            slots=100,
-        )
+async def claim(
+    engine: AsyncEngine,
+    now: datetime,
+    *,
+    per_endpoint: int = 16,
+    answered: list[uuid.UUID] | None = None,
+) -> list[notify.Send]:
+    return await notify.claim(
+        engine,
+        now=now,
+        lease_until=now + timedelta(seconds=60),
+        per_endpoint=per_endpoint,
+        slots=100,
+        answered=answered or [],
+    )
 
 
 async def queue(engine: AsyncEngine, clock: Clock) -> int:
@@ -566,6 +572,87 @@ async def test_per_endpoint_concurrency_counts_every_workers_sends(
     second = await claim(engine, clock.now, per_endpoint=2)  # another worker, same moment
     assert (len(first), len(second)) == (2, 0)
     assert len({send.subscription_id for send in first}) == 2
+
+
+async def test_sends_answered_but_not_yet_recorded_free_their_endpoints_room(
+    api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
+) -> None:
+    await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000004{n:02}") for n in range(4)]
+    await change(engine, *packages)
+    await queue(engine, clock)
+
+    first = await claim(engine, clock.now, per_endpoint=2)
+    assert await claim(engine, clock.now, per_endpoint=2) == []  # two in flight: no room
+    answered = [send.claim_token for send in first]  # their answers came; records to come
+    more = await claim(engine, clock.now, per_endpoint=2, answered=answered)
+    assert len(more) == 2
+    assert {s.subscription_id for s in more}.isdisjoint({s.subscription_id for s in first})
+
+
+async def test_a_record_in_progress_at_an_endpoint_does_not_make_a_claim_pass_it_by(
+    api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
+) -> None:
+    endpoint = await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000005{n:02}") for n in range(2)]
+    await change(engine, *packages)
+    await queue(engine, clock)
+    async with engine.begin() as recording:
+        # As a record's attempt does: its foreign key holds the endpoint's row (KEY SHARE).
+        await recording.execute(
+            sa.insert(notify_attempts).values(
+                endpoint_id=uuid.UUID(endpoint["id"]),
+                message_id="chg_0",
+                type="subscription.active",
+                attempt=1,
+                outcome="delivered",
+                status_code=204,
+                latency_ms=1.0,
+                response="",
+                attempted_at=clock.now,
+            )
+        )
+        assert len(await claim(engine, clock.now)) == 2
+
+
+async def test_lanes_are_claimed_ahead_of_the_slots_and_given_back_when_the_notifier_stops(
+    api: Client,
+    engine: AsyncEngine,
+    consumer: Consumer,
+    make_notifier: MakeNotifier,
+    clock: Clock,
+) -> None:
+    await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000006{n:02}") for n in range(3)]
+    await change(engine, *packages)
+    answer = asyncio.Event()
+
+    async def held(_: Received) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(status=204)
+
+    consumer.answer = held
+    notifier = make_notifier(notify_concurrency=1)
+    running = asyncio.create_task(notifier.run())
+    try:
+        await asyncio.wait_for(consumer.arrivals.get(), timeout=10)  # the one slot's send
+        # One lane sending, and as many claimed ahead as there are slots: the next goes the
+        # moment the slot frees, not a claim later. The third waits in the database.
+        assert await claimed_lanes(engine) == 2
+    finally:
+        notifier.stop()
+        await running
+        answer.set()
+    # The send cut short keeps its lease (sent again when it runs out); the one claimed ahead
+    # is given back, due now for any worker.
+    assert await claimed_lanes(engine) == 1
+    assert len(await claim(engine, clock.now)) == 2
+
+
+async def claimed_lanes(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        claimed = sa.select(sa.func.count()).where(notify_lanes.c.claim_token.is_not(None))
+        return int(await conn.scalar(claimed) or 0)
 
 
 async def test_a_rate_limit_spaces_sends_across_claims_and_workers(

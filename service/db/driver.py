@@ -30,7 +30,8 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import json_exact
 
@@ -72,10 +73,26 @@ class Statement:
         return cls(_NAMED.sub(number, text), tuple(names))
 
     async def fetch(self, db: asyncpg.Connection, **values: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await db.fetch(self.sql, *self._arguments(values))
+        return rows
+
+    async def execute(self, conn: AsyncConnection, **values: Any) -> Sequence[Row[Any]]:
+        """Through SQLAlchemy: as the first statement of a transaction it begins it, and a
+        connection found dead is discarded (see `driver_connection`)."""
+        result = await conn.exec_driver_sql(self.sql, self._arguments(values))
+        return result.all()
+
+    async def fetch_alone(self, engine: AsyncEngine, **values: Any) -> Sequence[Row[Any]]:
+        """Run as a transaction of its own, in one round trip: no BEGIN, no COMMIT (PostgreSQL
+        commits a statement run alone)."""
+        async with engine.connect() as conn:
+            alone = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await self.execute(alone, **values)
+
+    def _arguments(self, values: dict[str, Any]) -> tuple[Any, ...]:
         if values.keys() != set(self.names):
             raise TypeError(f"parameters {sorted(values)}, statement takes {sorted(self.names)}")
-        rows: list[asyncpg.Record] = await db.fetch(self.sql, *(values[n] for n in self.names))
-        return rows
+        return tuple(values[n] for n in self.names)
 
 
 # `:name`, but not the second colon of a `::type` cast.

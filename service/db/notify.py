@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 WAKE_CHANNEL = "notify_wake"
 # The fan-out lock's key (pg_advisory_xact_lock): any fixed number no other lock here uses.
 FAN_OUT_LOCK = 0x6E6F74696679  # "notify"
+# The space of the endpoints' claim locks (the high half of their keys), apart from any other's.
+ENDPOINT_LOCK_SPACE = 0x6E65  # "ne"
 
 Render = Callable[[RowMapping], bytes]
 
@@ -304,133 +306,75 @@ async def start_at_edge(conn: AsyncConnection, endpoint_id: uuid.UUID) -> None:
 
 
 async def claim(
-    conn: AsyncConnection,
+    engine: AsyncEngine,
     *,
     now: datetime,
     lease_until: datetime,
     per_endpoint: int,
     slots: int,
+    answered: Collection[uuid.UUID] = (),
 ) -> list[Send]:
     """Lanes due now, up to `per_endpoint` in flight for each endpoint (across every worker)
-    and `slots` in all, shared round-robin among endpoints; each with the time it may be sent
-    (a rate-limited endpoint's are spaced out). `conn` must be in a transaction."""
+    and `slots` in all, shared in turns among endpoints; each with the time it may be sent (a
+    rate-limited endpoint's are spaced out). `answered`: the claim tokens of this worker's sends
+    that were answered but are not recorded yet; they hold their lanes (the next message waits
+    for the record) but no longer the endpoint's room."""
     if slots <= 0:
         return []
-    endpoints = list((await conn.execute(_claimable(now).limit(slots))).mappings())
-    quota = _share(endpoints, per_endpoint, slots, now)
-    if not quota:
-        return []
-    db = await driver_connection(conn)
-    rows = await _CLAIM.fetch(
-        db,
-        quota=json_rows([{"endpoint_id": e, "room": room} for e, room in quota.items()]),
-        now=now,
-        lease_until=lease_until,
-    )
-    by_id = {endpoint["id"]: endpoint for endpoint in endpoints}
-    sends: list[Send] = []
-    spacing: dict[uuid.UUID, datetime] = {}
+    async with engine.begin() as conn:
+        locked = await _LOCK_ENDPOINTS.execute(
+            conn, now=now, ahead_s=SEND_AHEAD_S, slots=slots, lock_space=ENDPOINT_LOCK_SPACE
+        )
+        if not locked:
+            return []
+        rows = await _CLAIM.execute(
+            conn,
+            endpoints=[row.id for row in locked],
+            now=now,
+            lease_until=lease_until,
+            per_endpoint=per_endpoint,
+            slots=slots,
+            answered=list(answered),
+            ahead_s=SEND_AHEAD_S,
+            rate_min=RATE_LIMIT_MIN_PER_S,
+        )
+    targets: dict[uuid.UUID, Target] = {}
+    sends = []
     for row in rows:
-        endpoint = by_id[row["endpoint_id"]]
-        send_at = now
-        if rate := endpoint["rate_limit_per_s"]:
-            send_at = spacing.get(endpoint["id"]) or max(now, endpoint["next_send_at"] or now)
-            # The API takes no slower pace; a row written otherwise must not stop every send.
-            gap_s = 1 / max(rate, RATE_LIMIT_MIN_PER_S)
-            spacing[endpoint["id"]] = send_at + timedelta(seconds=gap_s)
-        sends.append(_send(endpoint, row, send_at, now))
-    if spacing:
-        await conn.execute(
-            sa.update(notify_endpoints)
-            .where(notify_endpoints.c.id == sa.bindparam("endpoint"))
-            .values(next_send_at=sa.bindparam("next_send_at")),
-            [{"endpoint": e, "next_send_at": at} for e, at in spacing.items()],
+        endpoint_id = row.endpoint_id
+        if (target := targets.get(endpoint_id)) is None:
+            secrets = secrets_in_force(
+                row.secret, row.previous_secret, row.previous_secret_expires_at, now
+            )
+            target = targets[endpoint_id] = Target(endpoint_id, row.url, tuple(secrets))
+        sends.append(
+            Send(
+                target=target,
+                subscription_id=row.subscription_id,
+                claim_token=row.claim_token,
+                failures=row.failures,
+                change_id=row.change_id,
+                type=row.type,
+                body=bytes(row.body),
+                send_at=row.send_at,
+            )
         )
     return sends
 
 
-def _claimable(now: datetime) -> sa.Select[Any]:
-    """Enabled, unpaused endpoints with a lane due, locked (skipped when another worker holds
-    them), with how many of their lanes are in flight; in random order, so that when slots are
-    short (a claim locks no more endpoints than it has slots) no endpoint always comes last."""
-    lanes = notify_lanes.alias("lane")
-    in_flight = (
-        sa.select(sa.func.count())
-        .where(
-            lanes.c.endpoint_id == notify_endpoints.c.id,
-            lanes.c.claim_token.is_not(None),
-            lanes.c.next_attempt_at > now,
-        )
-        .scalar_subquery()
-    )
-    due = sa.exists().where(
-        notify_lanes.c.endpoint_id == notify_endpoints.c.id,
-        notify_lanes.c.next_attempt_at <= now,
-    )
-    window = now + timedelta(seconds=SEND_AHEAD_S)
-    return (
-        sa.select(
-            notify_endpoints.c.id,
-            notify_endpoints.c.url,
-            notify_endpoints.c.secret,
-            notify_endpoints.c.previous_secret,
-            notify_endpoints.c.previous_secret_expires_at,
-            notify_endpoints.c.rate_limit_per_s,
-            notify_endpoints.c.next_send_at,
-            in_flight.label("in_flight"),
-        )
-        .where(
-            notify_endpoints.c.state == EndpointState.ENABLED.value,
-            sa.func.coalesce(notify_endpoints.c.paused_until, now) <= now,
-            sa.func.coalesce(notify_endpoints.c.next_send_at, now) < window,
-            due,
-        )
-        .order_by(sa.func.random())  # no endpoint always first when slots run short
-        .with_for_update(of=notify_endpoints, skip_locked=True)
-    )
-
-
-def _share(
-    endpoints: Sequence[RowMapping], per_endpoint: int, slots: int, now: datetime
-) -> dict[uuid.UUID, int]:
-    """How many lanes to claim of each endpoint: its room, handed out one at a time in turn
-    until `slots` run out."""
-    room = {endpoint["id"]: _room(endpoint, per_endpoint, now) for endpoint in endpoints}
-    quota: dict[uuid.UUID, int] = {}
-    while slots > 0 and any(room.values()):
-        for endpoint_id in room:
-            if slots > 0 and room[endpoint_id] > 0:
-                room[endpoint_id] -= 1
-                quota[endpoint_id] = quota.get(endpoint_id, 0) + 1
-                slots -= 1
-    return quota
-
-
-def _room(endpoint: RowMapping, per_endpoint: int, now: datetime) -> int:
-    room: int = max(per_endpoint - int(endpoint["in_flight"]), 0)
-    if rate := endpoint["rate_limit_per_s"]:
-        ahead_s = max(((endpoint["next_send_at"] or now) - now).total_seconds(), 0.0)
-        room = min(room, max(int((SEND_AHEAD_S - ahead_s) * rate), 1))
-    return room
-
-
-def _send(endpoint: RowMapping, row: Any, send_at: datetime, now: datetime) -> Send:
-    secrets = secrets_in_force(
-        endpoint["secret"],
-        endpoint["previous_secret"],
-        endpoint["previous_secret_expires_at"],
-        now,
-    )
-    return Send(
-        target=Target(endpoint["id"], endpoint["url"], tuple(secrets)),
-        subscription_id=row["subscription_id"],
-        claim_token=row["claim_token"],
-        failures=row["failures"],
-        change_id=row["change_id"],
-        type=row["type"],
-        body=bytes(row["body"]),
-        send_at=send_at,
-    )
+async def release(engine: AsyncEngine, sends: Iterable[Send], now: datetime) -> int:
+    """Give claimed lanes back unsent, due now; how many the claims still held."""
+    lanes = [
+        {
+            "endpoint_id": send.target.endpoint_id,
+            "subscription_id": send.subscription_id,
+            "claim_token": send.claim_token,
+        }
+        for send in sends
+    ]
+    if not lanes:
+        return 0
+    return len(await _RELEASE.fetch_alone(engine, lanes=json_rows(lanes), now=now))
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -624,6 +568,8 @@ async def prune_attempts(conn: AsyncConnection, keep_days: int, batch: int) -> i
 
 _STATEMENTS = named_statements("notify.sql")
 _ENQUEUE = _STATEMENTS["enqueue"]
+_LOCK_ENDPOINTS = _STATEMENTS["lock_endpoints"]
 _CLAIM = _STATEMENTS["claim"]
+_RELEASE = _STATEMENTS["release"]
 _FINISH = _STATEMENTS["finish"]
 _DROP_EMPTY_LANES = _STATEMENTS["drop_empty_lanes"]

@@ -11,6 +11,7 @@ recorded comes back when its lease runs out and is sent again (at least once).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -87,6 +88,12 @@ class Notifier:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._sends: set[asyncio.Task[None]] = set()
+        # Sends claimed ahead, as many as the slots, waiting for one: a slot that frees starts
+        # its next send at once, not a claim's round trip later. Each has the time after which
+        # it is left to its lease: started later, it could outlive the lease and go out twice.
+        self._ready: collections.deque[tuple[Send, datetime]] = collections.deque()
+        # Claim tokens of sends answered but not yet recorded: their endpoints' room is free.
+        self._answered: set[uuid.UUID] = set()
         self._finished: asyncio.Queue[Finished] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -106,6 +113,7 @@ class Notifier:
         try:
             await self._work_forever()
         finally:
+            await self._release_ready()
             for task in list(self._sends):
                 task.cancel()
             await asyncio.gather(*self._sends, return_exceptions=True)
@@ -114,6 +122,16 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await recorder
             await self._close_listener()
+
+    async def _release_ready(self) -> None:
+        """Give back what was claimed ahead, for another worker to send now; if the database
+        cannot be reached, the leases bring those lanes back."""
+        ready = [send for send, _ in self._ready]
+        self._ready.clear()
+        try:
+            await notify.release(self._engine, ready, self._clock())
+        except Exception as error:
+            log.warning("notify.release_failed", lanes=len(ready), error=type(error).__name__)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -148,14 +166,15 @@ class Notifier:
                     fanned = await self._fan_out()
                     more, self._queues_full = fanned.unread, fanned.full
                     self._feed_moved |= more
-                free = self._slots - len(self._sends)
-                started = self._start(await self._claim(free))
+                wanted = self._wanted()
+                claimed = await self._claim(wanted)
+                self._hold(claimed)
                 if outage_s:
                     log.info("notify.database_back")
                     outage_s = 0.0
-                # Busy while there is more to take: the feed's next page, or a claim that
-                # filled every free slot (more may be due).
-                if not more and not (free and started == free):
+                # Busy while there is more to take: the feed's next page, or a claim that got
+                # all it asked for (more may be due).
+                if not more and not (wanted and len(claimed) == wanted):
                     await self._sleep_until_work()
             except Exception as error:
                 outage_s = min(max(outage_s * 2, 0.5), OUTAGE_BACKOFF_MAX_S)
@@ -179,34 +198,48 @@ class Notifier:
         )
 
     async def _claim(self, slots: int) -> list[Send]:
-        if slots <= 0:
-            return []
         now = self._clock()
-        async with self._engine.begin() as conn:
-            return await notify.claim(
-                conn,
-                now=now,
-                lease_until=now + timedelta(seconds=self._lease_s),
-                per_endpoint=self._per_endpoint,
-                slots=slots,
-            )
+        return await notify.claim(
+            self._engine,
+            now=now,
+            lease_until=now + timedelta(seconds=self._lease_s),
+            per_endpoint=self._per_endpoint,
+            slots=slots,
+            answered=self._answered,
+        )
 
-    def _start(self, sends: list[Send]) -> int:
-        for send in sends:
+    def _wanted(self) -> int:
+        """How many lanes to claim: enough to fill the free slots and the ready queue."""
+        return max(2 * self._slots - len(self._sends) - len(self._ready), 0)
+
+    def _hold(self, sends: list[Send]) -> None:
+        if sends:
+            start_by = self._clock() + timedelta(seconds=self._lease_s - self._timeout_s - 1)
+            self._ready.extend((send, start_by) for send in sends)
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        while self._ready and len(self._sends) < self._slots:
+            send, start_by = self._ready.popleft()
+            if self._clock() > start_by:
+                continue  # left to its lease; the lane is claimed again when it runs out
             task = asyncio.create_task(self._send_and_queue(send))
             self._sends.add(task)
             task.add_done_callback(self._send_done)
-        return len(sends)
 
     def _send_done(self, task: asyncio.Task[None]) -> None:
-        """A slot is free: other lanes may be due. Claimed for in batches (an eighth of the
-        slots), not one claim per send; the recorder wakes the loop in any case."""
+        """A slot is free: a ready send takes it, and other lanes may be due. Claimed for in
+        batches (an eighth of the slots), not one claim per send; the recorder wakes the loop
+        in any case."""
         self._sends.discard(task)
-        if self._slots - len(self._sends) >= max(1, self._slots // CLAIM_BATCH_SHARE):
+        self._start_ready()
+        if self._wanted() >= max(1, self._slots // CLAIM_BATCH_SHARE):
             self._wake.set()
 
     async def _send_and_queue(self, send: Send) -> None:
-        self._finished.put_nowait(await self._attempt(send))
+        finished = await self._attempt(send)
+        self._answered.add(send.claim_token)
+        self._finished.put_nowait(finished)
 
     async def _attempt(self, send: Send) -> Finished:
         """Send at its time (a rate-limited endpoint's are spaced) and judge the answer."""
@@ -277,7 +310,8 @@ class Notifier:
             try:
                 await self._record(batch)
             finally:
-                for _ in batch:
+                for finished in batch:
+                    self._answered.discard(finished.send.claim_token)
                     self._finished.task_done()
             if any(f.delivered and f.send.target.endpoint_id in self._queues_full for f in batch):
                 self._feed_moved = True  # a full queue has room again
