@@ -40,7 +40,7 @@ from service.domain.notifications import (
 )
 from service.notify import sending
 from service.notify.local_consumer import verified
-from service.notify.worker import Notifier
+from service.notify.worker import READY_WAIT_MAX_S, Notifier
 from service.settings import Settings
 from tests.conftest import RunningSimulator, bearer
 from tests.processes import DispatcherProcess
@@ -647,6 +647,87 @@ async def test_lanes_are_claimed_ahead_of_the_slots_and_given_back_when_the_noti
     # is given back, due now for any worker.
     assert await claimed_lanes(engine) == 1
     assert len(await claim(engine, clock.now)) == 2
+
+
+async def test_what_was_claimed_ahead_of_an_endpoint_that_answered_429_is_not_sent(
+    api: Client,
+    engine: AsyncEngine,
+    consumer: Consumer,
+    make_notifier: MakeNotifier,
+    clock: Clock,
+) -> None:
+    busy = await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000007{n:02}") for n in range(2)]
+    await change(engine, *packages)
+
+    async def throttle(_: Received) -> web.StreamResponse:
+        return web.Response(status=429, headers={"Retry-After": "120"})
+
+    consumer.answer = throttle
+    notifier = make_notifier(notify_concurrency=1)  # one sending, one claimed ahead
+    running = asyncio.create_task(notifier.run())
+    try:
+
+        async def settled() -> bool | None:
+            paused = (await endpoint_row(engine, busy["id"]))["paused_until"] is not None
+            return True if paused and await claimed_lanes(engine) == 0 else None
+
+        await eventually(settled)  # paused, and the lane claimed ahead given back
+    finally:
+        notifier.stop()
+        await running
+    assert len(consumer.received) == 1
+
+
+async def test_a_send_that_waits_too_long_for_a_slot_is_given_back_for_other_workers(
+    api: Client,
+    engine: AsyncEngine,
+    consumer: Consumer,
+    make_notifier: MakeNotifier,
+    clock: Clock,
+) -> None:
+    await register(api, consumer.url)
+    packages = [await subscribe(api, f"94001000000000000008{n:02}") for n in range(3)]
+    await change(engine, *packages)
+    answer = asyncio.Event()
+
+    async def held(_: Received) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(status=204)
+
+    consumer.answer = held
+    notifier = make_notifier(notify_concurrency=1)
+    running = asyncio.create_task(notifier.run())
+    try:
+        await asyncio.wait_for(consumer.arrivals.get(), timeout=10)
+        assert await claimed_lanes(engine) == 2  # one sending, one claimed ahead
+        clock.advance(seconds=READY_WAIT_MAX_S + 1)  # the slot is still taken
+
+        async def given_back() -> bool | None:
+            return True if await claimed_lanes(engine) == 1 else None
+
+        await eventually(given_back)  # and not claimed again while the slot stays clogged
+        assert len(await claim(engine, clock.now)) == 2  # another worker takes them
+    finally:
+        notifier.stop()
+        await running
+        answer.set()
+
+
+async def test_a_claim_skips_an_endpoint_whose_claim_lock_another_worker_holds(
+    api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
+) -> None:
+    endpoint = await register(api, consumer.url)
+    await change(engine, await subscribe(api, "9400100000000000000901"))
+    await queue(engine, clock)
+    key = sa.text(
+        "SELECT pg_advisory_xact_lock("
+        "  CAST(:space AS bigint) << 32 | (hashtextextended(:id, 0) & 4294967295))"
+    )
+    async with engine.begin() as other_worker:
+        await other_worker.execute(key, {"space": notify.ENDPOINT_LOCK_SPACE, "id": endpoint["id"]})
+        assert await claim(engine, clock.now) == []
+    assert len(await claim(engine, clock.now)) == 1
 
 
 async def claimed_lanes(engine: AsyncEngine) -> int:

@@ -47,6 +47,9 @@ WAKE_CHANNEL = "notify_wake"
 FAN_OUT_LOCK = 0x6E6F74696679  # "notify"
 # The space of the endpoints' claim locks (the high half of their keys), apart from any other's.
 ENDPOINT_LOCK_SPACE = 0x6E65  # "ne"
+# The most endpoints one claim locks: advisory locks share the server's lock table (about 64
+# per connection), and a claim holding hundreds could exhaust it for every session.
+CLAIM_ENDPOINTS_MAX = 64
 
 Render = Callable[[RowMapping], bytes]
 
@@ -58,6 +61,7 @@ class Target:
     endpoint_id: uuid.UUID
     url: str
     secrets: tuple[str, ...] = dataclasses.field(repr=False)  # the first is the current one
+    rate_limit_per_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Send:
     type: str
     body: bytes = dataclasses.field(repr=False)
     send_at: datetime
+    lease_until: datetime  # the claim's: the send must be over well before
 
     @property
     def message_id(self) -> str:
@@ -323,7 +328,11 @@ async def claim(
         return []
     async with engine.begin() as conn:
         locked = await _LOCK_ENDPOINTS.execute(
-            conn, now=now, ahead_s=SEND_AHEAD_S, slots=slots, lock_space=ENDPOINT_LOCK_SPACE
+            conn,
+            now=now,
+            ahead_s=SEND_AHEAD_S,
+            endpoints=min(slots, CLAIM_ENDPOINTS_MAX),
+            lock_space=ENDPOINT_LOCK_SPACE,
         )
         if not locked:
             return []
@@ -346,7 +355,9 @@ async def claim(
             secrets = secrets_in_force(
                 row.secret, row.previous_secret, row.previous_secret_expires_at, now
             )
-            target = targets[endpoint_id] = Target(endpoint_id, row.url, tuple(secrets))
+            target = targets[endpoint_id] = Target(
+                endpoint_id, row.url, tuple(secrets), row.rate_limit_per_s
+            )
         sends.append(
             Send(
                 target=target,
@@ -357,6 +368,7 @@ async def claim(
                 type=row.type,
                 body=bytes(row.body),
                 send_at=row.send_at,
+                lease_until=lease_until,
             )
         )
     return sends

@@ -30,7 +30,7 @@ from service.db.changes import CHANGES_CHANNEL
 from service.db.engine import asyncpg_dsn
 from service.db.errors import is_transient, is_unavailable
 from service.db.notify import WAKE_CHANNEL, Attempt, Finished, Send
-from service.domain.notifications import Answer, retry_delay_s, verdict
+from service.domain.notifications import SEND_AHEAD_S, Answer, retry_delay_s, verdict
 from service.metrics import Metrics
 from service.notify.sending import post
 from service.process.waiting import wait_set
@@ -47,6 +47,11 @@ DRAIN_SETTLE_S = 10.0
 OUTAGE_BACKOFF_MAX_S = 30.0
 # Free slots are claimed for once this share of them (1/8) is free.
 CLAIM_BATCH_SHARE = 8
+# A send claimed ahead waits this long for a slot at most; past it this worker's slots are
+# clogged (slow consumers) and the lane is given back, for a worker that has room.
+READY_WAIT_MAX_S = 1.0
+# And then the worker claims no more than its free slots for this long.
+CLOGGED_S = 10.0
 
 Clock = Callable[[], datetime]
 Render = Callable[[RowMapping], bytes]
@@ -88,10 +93,16 @@ class Notifier:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._sends: set[asyncio.Task[None]] = set()
-        # Sends claimed ahead, as many as the slots, waiting for one: a slot that frees starts
-        # its next send at once, not a claim's round trip later. Each has the time after which
-        # it is left to its lease: started later, it could outlive the lease and go out twice.
+        # Sends claimed ahead, as many as the slots, each with when it was claimed, waiting for
+        # a slot: one that frees starts its next send at once, not a claim's round trip later.
+        # What may no longer go (`_stale`) is given back to the queue in the next round.
         self._ready: collections.deque[tuple[Send, datetime]] = collections.deque()
+        self._giving_back: list[Send] = []
+        # Until then no claiming ahead: sends waited too long for a slot, given back for others.
+        self._clogged_until: datetime | None = None
+        # Endpoints that answered with a pause or a 410, and when: what was claimed of them
+        # before that must not go (the record that pauses or disables them may not be in yet).
+        self._halted: dict[uuid.UUID, datetime] = {}
         # Claim tokens of sends answered but not yet recorded: their endpoints' room is free.
         self._answered: set[uuid.UUID] = set()
         self._finished: asyncio.Queue[Finished] = asyncio.Queue()
@@ -113,7 +124,9 @@ class Notifier:
         try:
             await self._work_forever()
         finally:
-            await self._release_ready()
+            self._giving_back.extend(send for send, _ in self._ready)
+            self._ready.clear()
+            await self._give_back()
             for task in list(self._sends):
                 task.cancel()
             await asyncio.gather(*self._sends, return_exceptions=True)
@@ -122,16 +135,6 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await recorder
             await self._close_listener()
-
-    async def _release_ready(self) -> None:
-        """Give back what was claimed ahead, for another worker to send now; if the database
-        cannot be reached, the leases bring those lanes back."""
-        ready = [send for send, _ in self._ready]
-        self._ready.clear()
-        try:
-            await notify.release(self._engine, ready, self._clock())
-        except Exception as error:
-            log.warning("notify.release_failed", lanes=len(ready), error=type(error).__name__)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -166,6 +169,7 @@ class Notifier:
                     fanned = await self._fan_out()
                     more, self._queues_full = fanned.unread, fanned.full
                     self._feed_moved |= more
+                await self._give_back()
                 wanted = self._wanted()
                 claimed = await self._claim(wanted)
                 self._hold(claimed)
@@ -210,22 +214,64 @@ class Notifier:
 
     def _wanted(self) -> int:
         """How many lanes to claim: enough to fill the free slots and the ready queue."""
-        return max(2 * self._slots - len(self._sends) - len(self._ready), 0)
+        clogged = self._clogged_until is not None and self._clock() < self._clogged_until
+        ahead = 0 if clogged else self._slots
+        return max(self._slots + ahead - len(self._sends) - len(self._ready), 0)
 
     def _hold(self, sends: list[Send]) -> None:
-        if sends:
-            start_by = self._clock() + timedelta(seconds=self._lease_s - self._timeout_s - 1)
-            self._ready.extend((send, start_by) for send in sends)
+        claimed_at = self._clock()
+        self._ready.extend((send, claimed_at) for send in sends)
         self._start_ready()
 
     def _start_ready(self) -> None:
+        now = self._clock()
         while self._ready and len(self._sends) < self._slots:
-            send, start_by = self._ready.popleft()
-            if self._clock() > start_by:
-                continue  # left to its lease; the lane is claimed again when it runs out
+            send, claimed_at = self._ready.popleft()
+            if self._stale(send, claimed_at, now):
+                self._giving_back.append(send)
+                continue
             task = asyncio.create_task(self._send_and_queue(send))
             self._sends.add(task)
             task.add_done_callback(self._send_done)
+
+    def _stale(self, send: Send, claimed_at: datetime, now: datetime) -> bool:
+        """Whether a send claimed at `claimed_at` may no longer start now: it could outlive its
+        lease (and go out twice, or after the lane's next message); it waited past
+        READY_WAIT_MAX_S; a rate-limited endpoint's is late by more than its spacing (it would
+        go out back to back with the next); or its endpoint answered with a pause or a 410
+        after it was claimed."""
+        limit = send.lease_until - timedelta(seconds=self._timeout_s + SEND_AHEAD_S)
+        if now > limit:
+            return True
+        if now - claimed_at > timedelta(seconds=READY_WAIT_MAX_S):
+            self._clogged_until = now + timedelta(seconds=CLOGGED_S)
+            return True
+        rate = send.target.rate_limit_per_s
+        if rate and now > send.send_at + timedelta(seconds=1 / rate):
+            return True
+        halted_at = self._halted.get(send.target.endpoint_id)
+        return halted_at is not None and claimed_at <= halted_at
+
+    async def _give_back(self) -> None:
+        """Give back what may no longer go, and what waited too long, for any worker to send;
+        if the database cannot be reached, their leases bring those lanes back."""
+        now = self._clock()
+        kept: collections.deque[tuple[Send, datetime]] = collections.deque()
+        for send, claimed_at in self._ready:
+            if self._stale(send, claimed_at, now):
+                self._giving_back.append(send)
+            else:
+                kept.append((send, claimed_at))
+        self._ready = kept
+        oldest = min((claimed_at for _, claimed_at in kept), default=now)
+        self._halted = {e: at for e, at in self._halted.items() if at >= oldest}
+        if not self._giving_back:
+            return
+        sends, self._giving_back = self._giving_back, []
+        try:
+            await notify.release(self._engine, sends, now)
+        except Exception as error:
+            log.warning("notify.release_failed", lanes=len(sends), error=type(error).__name__)
 
     def _send_done(self, task: asyncio.Task[None]) -> None:
         """A slot is free: a ready send takes it, and other lanes may be due. Claimed for in
@@ -238,7 +284,10 @@ class Notifier:
 
     async def _send_and_queue(self, send: Send) -> None:
         finished = await self._attempt(send)
-        self._answered.add(send.claim_token)
+        if finished.pause_until is None and not finished.disable:
+            self._answered.add(send.claim_token)  # its endpoint's room is free
+        else:  # the endpoint stops: its room stays taken until the record says so
+            self._halted[send.target.endpoint_id] = self._clock()
         self._finished.put_nowait(finished)
 
     async def _attempt(self, send: Send) -> Finished:
@@ -293,6 +342,8 @@ class Notifier:
             async with self._engine.connect() as conn:
                 due = await notify.next_due(conn)
         wait_s = POLL_INTERVAL_S
+        if self._ready:
+            wait_s = READY_WAIT_MAX_S  # what waits for a slot too long is given back
         if due is not None:
             # Never a busy loop: what is due but cannot be claimed (another worker's sends
             # fill its endpoint's room) is looked at again a little later.

@@ -37,8 +37,8 @@ SELECT (SELECT count(*) FROM queued) AS queued,
        (SELECT count(*) FROM moved) AS moved
 
 -- name: lock_endpoints
--- Endpoints that may send and have a lane due, up to `:slots` of them in random order (so that
--- none always comes last when slots are short), each locked for the transaction and skipped
+-- Endpoints that may send and have a lane due, up to `:endpoints` of them in random order (so
+-- that none always comes last when slots are short), each locked for the transaction and skipped
 -- while another worker's claim holds it: two workers never count one endpoint's room at once.
 -- An advisory lock, not the row's: a record in progress holds the row (its attempts' foreign
 -- key), and a claim must not pass the endpoint by for that, nor write to the row to lock it.
@@ -52,10 +52,10 @@ FROM (
       AND EXISTS (SELECT FROM notify_lanes AS l
                   WHERE l.endpoint_id = e.id AND l.next_attempt_at <= :now)
     ORDER BY random()
-    LIMIT :slots
+    LIMIT :endpoints
 ) AS candidate
 WHERE pg_try_advisory_xact_lock(
-    :lock_space << 32 | (hashtextextended(CAST(id AS text), 0) & 4294967295))
+    CAST(:lock_space AS bigint) << 32 | (hashtextextended(CAST(id AS text), 0) & 4294967295))
 
 -- name: claim
 -- Lanes of the endpoints `lock_endpoints` locked, due now, leased until `:lease_until`, each
@@ -131,7 +131,7 @@ WITH endpoint AS (
     RETURNING 1
 )
 SELECT c.endpoint_id, c.subscription_id, c.claim_token, c.failures,
-       r.url, r.secret, r.previous_secret, r.previous_secret_expires_at,
+       r.url, r.secret, r.previous_secret, r.previous_secret_expires_at, r.rate_limit_per_s,
        CASE WHEN r.rate_limit_per_s IS NULL THEN :now
             ELSE r.send_from + make_interval(secs => (c.turn - 1) * r.gap_s)
        END AS send_at,
