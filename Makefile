@@ -58,8 +58,14 @@ browser: ## Debian's chromium for the dashboard's browser tests, best effort (ne
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  >/dev/null 2>&1 || echo "no browser: the dashboard's browser tests will be skipped"
 
+.PHONY: wrk
+wrk: ## Debian's wrk, the benchmarks' HTTP load generator, best effort (never fails)
+	@command -v wrk >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) \
+	  >/dev/null 2>&1 || echo "no wrk: the wrk suite and its test will be skipped"
+
 .PHONY: test
-test: $(INSTALLED) browser ## the whole suite, on TEST_DATABASE_URL's server or an embedded one
+test: $(INSTALLED) browser wrk ## the whole suite, on TEST_DATABASE_URL's server or an embedded one
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: check
@@ -82,7 +88,7 @@ simulator: $(INSTALLED) ## serve the ShipEngine simulator alone (port 8090)
 	$(BIN)/python -m service simulator
 
 .PHONY: bench
-bench: $(INSTALLED) ## benchmarks, as ratios to a baseline of the same run (BENCH_ARGS='dispatch --quick')
+bench: $(INSTALLED) wrk ## benchmarks, as ratios to a baseline of the same run (BENCH_ARGS='dispatch --quick')
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: clean
