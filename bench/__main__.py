@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import changes, dispatch, ingest, notify, queries, subscribe
+from bench import changes, dispatch, ingest, notify, queries, subscribe, wrkload
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
@@ -36,6 +36,7 @@ SUITES: dict[str, ModuleType] = {
     "queries": queries,
     "changes": changes,
     "notify": notify,
+    "wrk": wrkload,
 }
 
 

@@ -2,10 +2,14 @@
 
     python -m bench.baseline_server bare   --port P
     python -m bench.baseline_server insert --port P --database-url URL [--path /v1/subscriptions]
+    python -m bench.baseline_server verify --port P --database-url URL --jwks-url URL
 
 `bare` reads the body and answers 204; `insert` also INSERTs it into `ingest_baseline`
 (`id bigserial, body bytea, received_at timestamptz default now()`, created at start) with one
-asyncpg statement from a pool of `--pool-size` connections, then answers 204. Either serves
+asyncpg statement from a pool of `--pool-size` connections, then answers 204; `verify` first
+checks the body's ShipEngine signature (RSA-SHA256 over `timestamp.body`, the key named by its
+id among the RSA keys of the JWKS, fetched once at start), answers 401 if it fails, and then
+does what `insert` does. Each serves
 `POST --path` (default: ShipEngine's webhook path, for the ingest suite; the subscribe suite
 posts to /v1/subscriptions). `GET /healthz` answers 200 once the server (and its pool) is up.
 """
@@ -13,16 +17,23 @@ posts to /v1/subscriptions). `GET /healthz` answers 200 once the server (and its
 from __future__ import annotations
 
 import argparse
+import base64
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from service.db.engine import asyncpg_dsn
+from service.simulator.signing import KEY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
 TABLE = "ingest_baseline"
 WEBHOOK_PATH = "/v1/webhooks/shipengine"
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool", asyncpg.Pool)
+KEYS: web.AppKey[dict[str, rsa.RSAPublicKey]] = web.AppKey("keys", dict)
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -40,8 +51,42 @@ async def insert(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def verify_and_insert(request: web.Request) -> web.Response:
+    body = await request.read()
+    key = request.app[KEYS].get(request.headers.get(KEY_ID_HEADER, ""))
+    try:
+        if key is None:
+            raise InvalidSignature
+        signature = base64.b64decode(request.headers[SIGNATURE_HEADER], validate=True)
+        signed = request.headers[TIMESTAMP_HEADER].encode() + b"." + body
+        key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, KeyError, ValueError):
+        return web.Response(status=401)
+    await request.app[POOL].execute(f"INSERT INTO {TABLE} (body) VALUES ($1)", body)
+    return web.Response(status=204)
+
+
+async def rsa_keys(jwks_url: str) -> dict[str, rsa.RSAPublicKey]:
+    """The JWKS's RSA keys by key id."""
+    async with aiohttp.ClientSession() as session, session.get(jwks_url) as response:
+        jwks = await response.json()
+    return {
+        jwk["kid"]: rsa.RSAPublicNumbers(_uint(jwk["e"]), _uint(jwk["n"])).public_key()
+        for jwk in jwks["keys"]
+        if jwk.get("kty") == "RSA"
+    }
+
+
+def _uint(b64url: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(b64url + "=" * (-len(b64url) % 4)), "big")
+
+
 def create_app(
-    mode: str, database_url: str | None, pool_size: int, path: str = WEBHOOK_PATH
+    mode: str,
+    database_url: str | None,
+    pool_size: int,
+    path: str = WEBHOOK_PATH,
+    jwks_url: str | None = None,
 ) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -63,20 +108,31 @@ def create_app(
         await created.close()
 
     app.cleanup_ctx.append(pool)
-    app.router.add_post(path, insert)
+    if mode == "insert":
+        app.router.add_post(path, insert)
+        return app
+    if jwks_url is None:
+        raise SystemExit("verify mode needs --jwks-url")
+
+    async def keys(app: web.Application) -> None:
+        app[KEYS] = await rsa_keys(jwks_url)
+
+    app.on_startup.append(keys)
+    app.router.add_post(path, verify_and_insert)
     return app
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline_server", description=__doc__)
-    parser.add_argument("mode", choices=("bare", "insert"))
+    parser.add_argument("mode", choices=("bare", "insert", "verify"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url")
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--path", default=WEBHOOK_PATH, help="the POST route it serves")
+    parser.add_argument("--jwks-url", help="verify: where the signing keys are published")
     args = parser.parse_args()
-    app = create_app(args.mode, args.database_url, args.pool_size, args.path)
+    app = create_app(args.mode, args.database_url, args.pool_size, args.path, args.jwks_url)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 

@@ -130,7 +130,7 @@ async def run(bench: Bench, report: Report) -> None:
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
             for key in RECEIVERS:
-                await _subscribe(conn, plan.packages, PACKAGE_PREFIX[key], HOT_PACKAGE[key])
+                await subscribe_packages(conn, plan.packages, PACKAGE_PREFIX[key], HOT_PACKAGE[key])
             generator = await start_load_generator(procs, "loadgen")
             servers = await _start_servers(procs, database_url, generator.url, plan)
             scrape = await api_headers(database_url)  # /metrics needs the `metrics` scope
@@ -148,7 +148,9 @@ async def run(bench: Bench, report: Report) -> None:
             await conn.close()
 
 
-async def _subscribe(conn: asyncpg.Connection, packages: int, prefix: str, hot: str) -> None:
+async def subscribe_packages(
+    conn: asyncpg.Connection, packages: int, prefix: str, hot: str
+) -> None:
     """`packages` active subscriptions (and the hot one) in one statement, then ANALYZE."""
     await conn.execute(
         """

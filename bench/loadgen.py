@@ -11,6 +11,7 @@ there). The harness drives it over HTTP on the same port:
     POST /run     {"load", "url", "concurrency", "min_s"}    send it all, answer the figures
     POST /paced   {"load", "url", "rate_per_s"}   send it open-loop at a fixed rate, answer
                                                   when each request was due and answered
+    POST /export  {"load", "path"}   write it where wrk replays it from (`bench/wrk.py`)
 
 A prepared list is fixed: every server (the receiver and both baselines) gets the same bytes in
 the same order over keep-alive connections of one aiohttp session, `concurrency` requests in
@@ -28,11 +29,13 @@ import json
 import random
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from bench.sending import Request, send, send_paced
+from bench.wrk import RawRequest, write_requests
 from service.simulator.signing import SigningKeys
 
 WEBHOOK_PATH = "/v1/webhooks/shipengine"
@@ -215,6 +218,12 @@ class LoadGenerator:
         result = await send(spec["url"], requests, int(spec["concurrency"]), min_s=min_s)
         return web.json_response(result)
 
+    async def export(self, request: web.Request) -> web.Response:
+        spec: dict[str, Any] = await request.json()
+        load = self.loads[spec["load"]]
+        raw = (RawRequest("POST", r.path, r.headers, r.body) for r in load.requests)
+        return web.json_response({"requests": write_requests(Path(spec["path"]), raw)})
+
     async def paced(self, request: web.Request) -> web.Response:
         spec: dict[str, Any] = await request.json()
         requests = self.loads[spec["load"]].requests
@@ -235,6 +244,7 @@ def main() -> None:
     app.router.add_post("/warmup", generator.warmup)
     app.router.add_post("/run", generator.run)
     app.router.add_post("/paced", generator.paced)
+    app.router.add_post("/export", generator.export)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
