@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import wrk
+from bench import profiling, wrk
 from bench.infra import (
     LOOPBACK,
     BenchError,
@@ -50,7 +50,7 @@ from bench.infra import (
     start_load_generator,
     with_children,
 )
-from bench.ingest import subscribe_packages
+from bench.ingest import STAGES, subscribe_packages
 from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
@@ -136,7 +136,8 @@ async def run(bench: Bench, report: Report) -> None:
             servers = await _start_servers(procs, database_url, generator.url, plan)
             lists = Lists(generator, procs.log_dir, plan)
             for load in loads:
-                await _measure(plan, report, conn, lists, servers, load)
+                profile = bench.log_dir / f"wrk-{load}-api.pyspy.txt" if bench.profile else None
+                await _measure(plan, report, procs, conn, lists, servers, load, profile)
         finally:
             await conn.close()
 
@@ -211,10 +212,12 @@ async def _start_servers(
 async def _measure(
     plan: Plan,
     report: Report,
+    procs: Processes,
     conn: asyncpg.Connection,
     lists: Lists,
     servers: dict[str, Server],
     load: str,
+    profile: Path | None,
 ) -> None:
     best: dict[str, Measured] = {}
     for key in BASELINES:
@@ -228,13 +231,23 @@ async def _measure(
                 f"{BASELINE_SPREAD_MAX:.0%}): the machine was noisy, run again"
             )
     realistic = await lists.get(load)
+    profiler = None
+    if profile is not None:  # py-spy on the receiver, through its measured run
+        await lists.get("warmup")
+        profiler = await profiling.record(procs, servers["full"].process, plan.run_s, profile)
     full = await _run(plan, conn, lists, servers["full"], load, "warmup")
+    if profiler is not None and profile is not None:
+        await profiling.wait(profiler, timeout_s=plan.run_s + 30)
+        title = f"the receiver under the {load} load"
+        full_profile = profiling.report(profile, plan.run_s, title, STAGES, top=25)
     if load == "realistic" and full.run.requests > realistic.requests:
         report.note(
             f"realistic: the receiver took {full.run.requests:,} requests, more than the "
             f"{realistic.requests:,} of the list: the rest were repeats (make the list longer)"
         )
     _row(report, load, "full", full, "")
+    if profiler is not None:
+        report.scenarios[f"{load}/full"]["profile"] = full_profile
     _checks(report, load, full, best["v"])
 
 
