@@ -1,5 +1,5 @@
-"""The wrk suite: the webhook receiver under wrk, next to baselines measured in the same run
-(issue 18: honest load, from outside, with a compiled load generator).
+"""The wrk suite: the webhook receiver and subscribe under wrk, next to baselines measured in
+the same run (issue 18: honest load, from outside, with a compiled load generator).
 
     wrk -t1 -c64 --latency, a 2 s warm-up then a 10 s run (quick: 1 s and 5 s), per server:
 
@@ -16,6 +16,9 @@
                the receiver takes in a run, so it never sees the list twice
     hot        one delivery of one package over and over (a retry burst): after the first,
                every one a duplicate
+    subscribe  POST /v1/subscriptions with a token of every scope, each a new package
+               (`bench/apiload.py`'s bodies; 60,000, quick 30,000), next to (b) at that path
+    bulk       POST /v1/subscriptions/batch, 1,000 new packages a request, 4 connections
 
 Each baseline runs twice, before the receiver, and the better run counts; the two may differ
 by 25 % at most, or the run says so (run again). Every server also gets its CPU seconds per
@@ -34,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import profiling, wrk
+from bench import apiload, profiling, wrk
 from bench.infra import (
     LOOPBACK,
     BenchError,
@@ -42,6 +45,7 @@ from bench.infra import (
     Processes,
     ServiceProcess,
     answers,
+    api_headers,
     backend_pids,
     cpu_cores,
     cpu_snapshot,
@@ -51,23 +55,35 @@ from bench.infra import (
     with_children,
 )
 from bench.ingest import STAGES, subscribe_packages
+from bench.loadgen import WEBHOOK_PATH
 from bench.report import Check, Report, cores, number
 from bench.suite import Bench
 from service.db.engine import asyncpg_dsn
 
-SCENARIOS = ("realistic", "hot")
+SCENARIOS = ("realistic", "hot", "subscribe", "bulk")
+INGEST = ("realistic", "hot")
 BASELINES = ("a", "b", "v")
 TITLES = {
     "a": "(a) bare aiohttp, 204",
     "b": "(b) aiohttp + 1 asyncpg INSERT",
     "v": "(v) (b) + the RSA-SHA256 check",
     "full": "the receiver, 1 process",
+    "b_sub": "(b) at /v1/subscriptions",
+    "sub": "POST /v1/subscriptions, 1 process",
+    "bulk": "POST /v1/subscriptions/batch",
 }
 PACKAGE_PREFIX = "1ZWRK"
 HOT_PACKAGE = "1ZWRKHOT0001"
 WARMUP_PACKAGE = "1ZWRKWARM001"  # nobody tracks it: the receiver's warm-up files nothing
 
+SUBSCRIBE_PREFIX = "1ZWSUB"
+SUBSCRIBE_WARMUP_PREFIX = "1ZWSUBW"
+BULK_PREFIX = "1ZWBULK"
+BULK_WARMUP_PREFIX = "1ZWBULKW"
+
 RATIO_TARGET = 1.0  # the receiver >= 1.0 x (v)
+SUBSCRIBE_RATIO_TARGET = 0.8  # subscribe >= 0.8 x (b)
+BULK_TARGET_PER_S = 20_000.0
 CPU_RATIO_TARGET = 1.3  # the receiver's CPU per delivery <= 1.3 x (v)'s per request
 BASELINE_SPREAD_MAX = 0.25
 RESIGN_AFTER_S = 240.0
@@ -83,10 +99,16 @@ class Plan:
     warmup_s: float = 2.0
     run_s: float = 10.0
     pool_size: int = 10
+    subscriptions: int = 60_000  # more than the API takes in a run: each one new
+    bulk_batches: int = 400
+    bulk_size: int = 1_000
+    bulk_connections: int = 4
 
 
 FULL = Plan()
-QUICK = dataclasses.replace(FULL, deliveries=15_000, warmup_s=1.0, run_s=5.0)
+QUICK = dataclasses.replace(
+    FULL, deliveries=15_000, warmup_s=1.0, run_s=5.0, subscriptions=30_000, bulk_batches=200
+)
 
 
 @dataclasses.dataclass
@@ -135,9 +157,14 @@ async def run(bench: Bench, report: Report) -> None:
             generator = await start_load_generator(procs, "loadgen")
             servers = await _start_servers(procs, database_url, generator.url, plan)
             lists = Lists(generator, procs.log_dir, plan)
-            for load in loads:
+            for load in (load for load in loads if load in INGEST):
                 profile = bench.log_dir / f"wrk-{load}-api.pyspy.txt" if bench.profile else None
                 await _measure(plan, report, procs, conn, lists, servers, load, profile)
+            headers = {**apiload.JSON, **await api_headers(database_url)}
+            if "subscribe" in loads:
+                await _subscribe(plan, report, conn, servers, procs.log_dir, headers)
+            if "bulk" in loads:
+                await _bulk(plan, report, conn, servers["full"], procs.log_dir, headers)
         finally:
             await conn.close()
 
@@ -188,13 +215,19 @@ async def _start_servers(
     procs: Processes, database_url: str, generator_url: str, plan: Plan
 ) -> dict[str, Server]:
     servers = {}
-    for key, mode in (("a", "bare"), ("b", "insert"), ("v", "verify")):
+    modes = [
+        ("a", "bare", WEBHOOK_PATH),
+        ("b", "insert", WEBHOOK_PATH),
+        ("v", "verify", WEBHOOK_PATH),
+        ("b_sub", "insert", apiload.SINGLE_PATH),
+    ]
+    for key, mode, path in modes:
         port = free_port()
         url = f"http://{LOOPBACK}:{port}"
         argv = [
             sys.executable, "-m", "bench.baseline_server", mode, "--port", str(port),
             "--database-url", database_url, "--pool-size", str(plan.pool_size),
-            "--jwks-url", f"{generator_url}/jwks",
+            "--jwks-url", f"{generator_url}/jwks", "--path", path,
         ]  # fmt: skip
         process = await procs.start(f"baseline-{key}", argv, {}, answers(f"{url}/healthz"))
         servers[key] = Server(key, url, process)
@@ -262,20 +295,115 @@ async def _run(
     """A warm-up of `plan.warmup_s` (the receiver's on a list of its own: what it stores must
     not make the load's deliveries duplicates), then the measured run, with CPU around it."""
     warm = await lists.get(warmup)
-    await wrk.run(server.url, warm.path, connections=plan.connections, duration_s=plan.warmup_s)
-    prepared = await lists.get(load)
+    measured = await lists.get(load)
+    return await _run_files(plan, conn, server, warm.path, measured.path, plan.connections)
+
+
+async def _run_files(
+    plan: Plan,
+    conn: asyncpg.Connection,
+    server: Server,
+    warm: Path,
+    requests_file: Path,
+    connections: int,
+) -> Measured:
+    await wrk.run(server.url, warm, connections=connections, duration_s=plan.warmup_s)
     groups = {"server": with_children(server.process.pid), "postgres": await backend_pids(conn)}
     before = cpu_snapshot(groups)
     measured = await wrk.run(
-        server.url, prepared.path, connections=plan.connections, duration_s=plan.run_s
+        server.url, requests_file, connections=connections, duration_s=plan.run_s
     )
     cpu = cpu_cores(before, cpu_snapshot(groups))
     if cpu:
         cpu["wrk"] = round(measured.cpu_s / cpu["interval_s"], 3)
         cpu["others"] = round(cpu["others"] - cpu["wrk"], 3)
     if measured.failed:
-        raise BenchError(f"{server.key} {load}: {measured.errors}")
+        raise BenchError(f"{server.key} {requests_file.name}: {measured.errors}")
     return Measured(measured, cpu)
+
+
+def _api_list(
+    folder: Path, name: str, headers: dict[str, str], spec: dict[str, Any]
+) -> tuple[Path, int]:
+    """Subscribe requests (`bench/apiload.py`'s bodies) with the caller's token, for wrk."""
+    path = folder / f"{name}.requests"
+    made = apiload.prepare(spec)
+    raw = (wrk.RawRequest("POST", r.path, headers, r.body) for r in made)
+    return path, wrk.write_requests(path, raw)
+
+
+async def _subscribe(
+    plan: Plan,
+    report: Report,
+    conn: asyncpg.Connection,
+    servers: dict[str, Server],
+    folder: Path,
+    headers: dict[str, str],
+) -> None:
+    """New subscriptions, one a request: (b) twice, then the API on packages all new to it."""
+    single = {"kind": "single", "count": plan.subscriptions, "prefix": SUBSCRIBE_PREFIX}
+    listed, count = _api_list(folder, "subscribe", headers, single)
+    warm_spec = {**single, "count": 2_000, "prefix": SUBSCRIBE_WARMUP_PREFIX}
+    warm, _ = _api_list(folder, "subscribe-warmup", headers, warm_spec)
+    runs = [
+        await _run_files(plan, conn, servers["b_sub"], listed, listed, plan.connections)
+        for _ in range(2)
+    ]
+    b = max(runs, key=lambda m: m.run.rate)
+    spread = abs(runs[0].run.rate - runs[1].run.rate) / max(b.run.rate, 1e-9)
+    _row(report, "subscribe", "b_sub", b, f"runs {_rates(runs)}, spread {spread:.0%}")
+    if spread > BASELINE_SPREAD_MAX:
+        report.note(f"subscribe: baseline (b)'s two runs differ by {spread:.0%}: run again")
+    api = await _run_files(plan, conn, servers["full"], warm, listed, plan.connections)
+    if api.run.requests > count:
+        report.note(f"subscribe: the API took {api.run.requests:,} of a list of {count:,}")
+    _row(report, "subscribe", "sub", api, "")
+    ratio = api.run.rate / b.run.rate if b.run.rate else float("nan")
+    report.check(
+        Check(
+            "subscribe: POST /v1/subscriptions vs (b)",
+            f">= {SUBSCRIBE_RATIO_TARGET} x (b)",
+            f"{number(api.run.rate)}/s vs {number(b.run.rate)}/s",
+            ratio / SUBSCRIBE_RATIO_TARGET,
+            ratio,
+            ratio >= SUBSCRIBE_RATIO_TARGET,
+        )
+    )
+
+
+async def _bulk(
+    plan: Plan,
+    report: Report,
+    conn: asyncpg.Connection,
+    api: Server,
+    folder: Path,
+    headers: dict[str, str],
+) -> None:
+    """Batches of `bulk_size` new packages, `bulk_connections` in flight."""
+    spec = {
+        "kind": "batch",
+        "count": plan.bulk_batches,
+        "size": plan.bulk_size,
+        "prefix": BULK_PREFIX,
+    }
+    listed, count = _api_list(folder, "bulk", headers, spec)
+    warm_spec = {**spec, "count": 5, "prefix": BULK_WARMUP_PREFIX}
+    warm, _ = _api_list(folder, "bulk-warmup", headers, warm_spec)
+    measured = await _run_files(plan, conn, api, warm, listed, plan.bulk_connections)
+    if measured.run.requests > count:
+        report.note(f"bulk: the API took {measured.run.requests:,} of a list of {count:,}")
+    per_s = measured.run.rate * plan.bulk_size
+    _row(report, "bulk", "bulk", measured, f"{number(per_s)} subscriptions/s")
+    report.check(
+        Check(
+            "bulk: subscriptions/s",
+            f">= {number(BULK_TARGET_PER_S)}",
+            f"{number(per_s)}/s",
+            per_s / BULK_TARGET_PER_S,
+            None,
+            per_s >= BULK_TARGET_PER_S,
+        )
+    )
 
 
 def _rates(runs: list[Measured]) -> str:
