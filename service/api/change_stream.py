@@ -44,6 +44,7 @@ from service.api.subscriptions import READERS
 from service.db import changes as feed
 from service.db.changes import CHANGES_CHANNEL, ChangeFilter, Position
 from service.db.engine import asyncpg_dsn
+from service.process.waiting import wait_set
 
 log = structlog.get_logger(__name__)
 
@@ -189,8 +190,7 @@ class Broadcaster:
                 # (their heartbeats go on); the next round listens and reads again.
                 log.warning("changes.broadcast_failed", exc_info=True)
                 await self._close_listener()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), RECONNECT_S)
+                await wait_set(self._closing, RECONNECT_S)
 
     async def _round(self) -> None:
         """Wait for news (or the time to look again), then read what became visible."""
@@ -202,11 +202,7 @@ class Broadcaster:
         else:
             timeout_s = SAFETY_POLL_S if listening else FALLBACK_POLL_S
             self._recheck_s = RECHECK_FIRST_S
-        woken = True
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
-        except TimeoutError:
-            woken = False
+        woken = await wait_set(self._wake, timeout_s)
         self._wake.clear()
         if listening and not woken and not waiting_for_horizon:
             await self._ping_listener()

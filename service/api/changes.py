@@ -64,24 +64,24 @@ async def read_page(
 
 
 @contextlib.contextmanager
-def cursor_errors(name: str = "after") -> Iterator[None]:
+def cursor_errors() -> Iterator[None]:
     """A cursor from another server answered as a 400, one retention passed as a 410."""
     try:
         yield
     except feed.CursorUnknown:
         raise BadRequest.invalid(
-            f"{name}: not a cursor this feed gave (after a restore into another server, read "
-            f"again without `{name}`)",
-            name,
+            "after: not a cursor this feed gave (after a restore into another server, read "
+            "again without `after`)",
+            "after",
         ) from None
     except feed.CursorExpired:
         raise Gone(
             ErrorDetail(
                 "validation",
                 "cursor_expired",
-                f"{name}: changes after this cursor were deleted by retention; read again "
-                f"without `{name}` (from the oldest change kept)",
-                name,
+                "after: changes after this cursor were deleted by retention; read again "
+                "without `after` (from the oldest change kept)",
+                "after",
             )
         ) from None
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
 
@@ -80,14 +80,7 @@ class Statement:
         """Through SQLAlchemy: as the first statement of a transaction it begins it, and a
         connection found dead is discarded (see `driver_connection`)."""
         result = await conn.exec_driver_sql(self.sql, self._arguments(values))
-        return result.all()
-
-    async def fetch_alone(self, engine: AsyncEngine, **values: Any) -> Sequence[Row[Any]]:
-        """Run as a transaction of its own, in one round trip: no BEGIN, no COMMIT (PostgreSQL
-        commits a statement run alone)."""
-        async with engine.connect() as conn:
-            alone = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            return await self.execute(alone, **values)
+        return result.all() if result.returns_rows else []
 
     def _arguments(self, values: dict[str, Any]) -> tuple[Any, ...]:
         if values.keys() != set(self.names):

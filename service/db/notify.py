@@ -374,8 +374,8 @@ async def claim(
     return sends
 
 
-async def release(engine: AsyncEngine, sends: Iterable[Send], now: datetime) -> int:
-    """Give claimed lanes back unsent, due now; how many the claims still held."""
+async def release(engine: AsyncEngine, sends: Iterable[Send], now: datetime) -> None:
+    """Give claimed lanes back unsent, due now (those their claims still hold)."""
     lanes = [
         {
             "endpoint_id": send.target.endpoint_id,
@@ -384,9 +384,9 @@ async def release(engine: AsyncEngine, sends: Iterable[Send], now: datetime) -> 
         }
         for send in sends
     ]
-    if not lanes:
-        return 0
-    return len(await _RELEASE.fetch_alone(engine, lanes=json_rows(lanes), now=now))
+    if lanes:
+        async with engine.begin() as conn:
+            await _RELEASE.execute(conn, lanes=json_rows(lanes), now=now)
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -403,9 +403,8 @@ async def record(conn: AsyncConnection, finished: Sequence[Finished]) -> Recorde
     lane; disable or pause endpoints. `conn` must be in a transaction."""
     if not finished:
         return Recorded([])
-    db = await driver_connection(conn)
-    released = await _FINISH.fetch(
-        db,
+    released = await _FINISH.execute(  # through SQLAlchemy: it begins the transaction
+        conn,
         attempts=json_rows([f.attempt.row() for f in finished]),
         finished=json_rows(
             [
@@ -423,12 +422,12 @@ async def record(conn: AsyncConnection, finished: Sequence[Finished]) -> Recorde
         ),
     )
     empty = [
-        {"endpoint_id": row["endpoint_id"], "subscription_id": row["subscription_id"]}
+        {"endpoint_id": row.endpoint_id, "subscription_id": row.subscription_id}
         for row in released
-        if row["pending"] == 0
+        if row.pending == 0
     ]
     if empty:
-        await _DROP_EMPTY_LANES.fetch(db, lanes=json_rows(empty))
+        await _DROP_EMPTY_LANES.execute(conn, lanes=json_rows(empty))
     return Recorded(await _endpoint_effects(conn, finished))
 
 

@@ -11,7 +11,6 @@ same deduplication, so a poll that finds nothing new is a duplicate and changes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from service.db.dispatch import DEFAULT_RETRY_AFTER_S, pause
 from service.domain.subscriptions import Budget, Operation, OutcomeKind
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
 from service.metrics import Metrics
+from service.process.waiting import wait_set
 from service.shipengine.client import ShipEngineClient
 
 log = structlog.get_logger(__name__)
@@ -69,8 +69,7 @@ class Reconciler:
             except Exception:
                 # A database outage or a bug costs one round, not the process.
                 log.exception("reconcile.round_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._interval_s)
+            await wait_set(self._stopping, self._interval_s)
 
     def stop(self) -> None:
         self._stopping.set()

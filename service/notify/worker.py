@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import asyncpg
 import structlog
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import changes, notify
@@ -54,7 +53,6 @@ READY_WAIT_MAX_S = 1.0
 CLOGGED_S = 10.0
 
 Clock = Callable[[], datetime]
-Render = Callable[[RowMapping], bytes]
 
 
 def wall_clock() -> datetime:
@@ -68,7 +66,7 @@ class Notifier:
         session: aiohttp.ClientSession,
         *,
         database_url: str,
-        render: Render,
+        render: notify.Render,
         per_endpoint: int,
         slots: int,
         timeout_s: float,

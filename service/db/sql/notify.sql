@@ -23,18 +23,14 @@ WITH queued AS (
     GROUP BY endpoint_id, subscription_id
     ON CONFLICT (endpoint_id, subscription_id)
         DO UPDATE SET pending = l.pending + excluded.pending
-    RETURNING 1
 ), moved AS (
     UPDATE notify_cursors AS c
     SET txid = v.txid, change_id = v.change_id
     FROM json_to_recordset(CAST(:cursors AS json))
         AS v(endpoint_id uuid, txid bigint, change_id bigint)
     WHERE c.endpoint_id = v.endpoint_id
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM queued) AS queued,
-       (SELECT count(*) FROM lengthened) AS lanes,
-       (SELECT count(*) FROM moved) AS moved
+SELECT count(*) AS queued FROM queued
 
 -- name: lock_endpoints
 -- Endpoints that may send and have a lane due, up to `:endpoints` of them in random order (so
@@ -156,7 +152,6 @@ FROM json_to_recordset(CAST(:lanes AS json))
     AS v(endpoint_id uuid, subscription_id uuid, claim_token uuid)
 WHERE l.endpoint_id = v.endpoint_id AND l.subscription_id = v.subscription_id
   AND l.claim_token = v.claim_token
-RETURNING 1
 
 -- name: finish
 -- What sends did. Only a send whose claim still holds its lane counts: one whose lease ran out
