@@ -155,12 +155,18 @@ class Consumer:
             taken: list[list[Any]] = await response.json()
             return taken
 
-    async def until(self, wanted: int, timeout_s: float) -> list[list[Any]]:
-        """Arrivals, taken until `wanted` came or `timeout_s` passed."""
+    async def until(
+        self, wanted: int, timeout_s: float, endpoint: str | None = None
+    ) -> list[list[Any]]:
+        """Arrivals, taken until `wanted` came (counting `endpoint`'s only, when named: a dead
+        endpoint's keep coming) or `timeout_s` passed."""
         arrivals: list[list[Any]] = []
+        counted = 0
         deadline = time.monotonic() + timeout_s
-        while len(arrivals) < wanted and time.monotonic() < deadline:
-            arrivals += await self.take()
+        while counted < wanted and time.monotonic() < deadline:
+            taken = await self.take()
+            arrivals += taken
+            counted += sum(1 for arrival in taken if endpoint in (None, arrival[1]))
             await asyncio.sleep(0.2)
         return arrivals
 
@@ -439,7 +445,7 @@ async def lag(bench: Bench, plan: Plan, report: Report, *, with_dead: bool) -> d
             await generator.call(
                 "/paced", {"load": "warm", "url": url, "rate_per_s": plan.lag_rate_per_s}
             )
-            await consumer.until(warm["requests"], plan.lag_drain_s)
+            await consumer.until(warm["requests"], plan.lag_drain_s, "live")
             groups = {
                 "api": [procs.named("api").pid],
                 "notifier": [notifier.pid],
@@ -452,7 +458,7 @@ async def lag(bench: Bench, plan: Plan, report: Report, *, with_dead: bool) -> d
                 "/paced", {"load": "lag", "url": url, "rate_per_s": plan.lag_rate_per_s}
             )
             answered = sum(1 for s in sent["status_of"] if s.startswith("2"))
-            arrivals = await consumer.until(answered, plan.lag_drain_s)
+            arrivals = await consumer.until(answered, plan.lag_drain_s, "live")
             cpu = cpu_cores(before, cpu_snapshot(groups))
         finally:
             await conn.close()

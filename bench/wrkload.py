@@ -255,14 +255,7 @@ async def _measure(
     best: dict[str, Measured] = {}
     for key in BASELINES:
         runs = [await _run(plan, conn, lists, servers[key], load, load) for _ in range(2)]
-        best[key] = max(runs, key=lambda m: m.run.rate)
-        spread = abs(runs[0].run.rate - runs[1].run.rate) / max(best[key].run.rate, 1e-9)
-        _row(report, load, key, best[key], f"runs {_rates(runs)}, spread {spread:.0%}")
-        if spread > BASELINE_SPREAD_MAX:
-            report.note(
-                f"{load}: baseline ({key})'s two runs differ by {spread:.0%} (more than "
-                f"{BASELINE_SPREAD_MAX:.0%}): the machine was noisy, run again"
-            )
+        best[key] = _better(report, load, key, runs)
     realistic = await lists.get(load)
     profiler = None
     if profile is not None:  # py-spy on the receiver, through its measured run
@@ -349,11 +342,7 @@ async def _subscribe(
         await _run_files(plan, conn, servers["b_sub"], listed, listed, plan.connections)
         for _ in range(2)
     ]
-    b = max(runs, key=lambda m: m.run.rate)
-    spread = abs(runs[0].run.rate - runs[1].run.rate) / max(b.run.rate, 1e-9)
-    _row(report, "subscribe", "b_sub", b, f"runs {_rates(runs)}, spread {spread:.0%}")
-    if spread > BASELINE_SPREAD_MAX:
-        report.note(f"subscribe: baseline (b)'s two runs differ by {spread:.0%}: run again")
+    b = _better(report, "subscribe", "b_sub", runs)
     api = await _run_files(plan, conn, servers["full"], warm, listed, plan.connections)
     if api.run.requests > count:
         report.note(f"subscribe: the API took {api.run.requests:,} of a list of {count:,}")
@@ -406,8 +395,18 @@ async def _bulk(
     )
 
 
-def _rates(runs: list[Measured]) -> str:
-    return " and ".join(f"{number(m.run.rate)}/s" for m in runs)
+def _better(report: Report, load: str, key: str, runs: list[Measured]) -> Measured:
+    """A baseline's better run, reported with both; a note when they differ too much."""
+    best = max(runs, key=lambda m: m.run.rate)
+    spread = abs(runs[0].run.rate - runs[1].run.rate) / max(best.run.rate, 1e-9)
+    rates = " and ".join(f"{number(m.run.rate)}/s" for m in runs)
+    _row(report, load, key, best, f"runs {rates}, spread {spread:.0%}")
+    if spread > BASELINE_SPREAD_MAX:
+        report.note(
+            f"{load}: baseline ({key})'s two runs differ by {spread:.0%} (more than "
+            f"{BASELINE_SPREAD_MAX:.0%}): the machine was noisy, run again"
+        )
+    return best
 
 
 def _row(report: Report, load: str, key: str, measured: Measured, extra: str) -> None:

@@ -5,6 +5,7 @@ with our own code. The sender's clock is the test's, so a day passes in a statem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -554,7 +555,7 @@ async def claim(
     )
 
 
-async def queue(engine: AsyncEngine, clock: Clock) -> int:
+async def queue(engine: AsyncEngine, clock: Clock) -> notify.FanOut:
     return await notify.fan_out(
         engine, now=clock.now, page=500, backlog=10_000, render=lambda row: b"{}"
     )
@@ -626,23 +627,13 @@ async def test_lanes_are_claimed_ahead_of_the_slots_and_given_back_when_the_noti
     packages = [await subscribe(api, f"94001000000000000006{n:02}") for n in range(3)]
     await change(engine, *packages)
     answer = asyncio.Event()
-
-    async def held(_: Received) -> web.StreamResponse:
-        await answer.wait()
-        return web.Response(status=204)
-
-    consumer.answer = held
-    notifier = make_notifier(notify_concurrency=1)
-    running = asyncio.create_task(notifier.run())
-    try:
+    consumer.answer = held_until(answer)
+    async with running(make_notifier(notify_concurrency=1)):
         await asyncio.wait_for(consumer.arrivals.get(), timeout=10)  # the one slot's send
         # One lane sending, and as many claimed ahead as there are slots: the next goes the
         # moment the slot frees, not a claim later. The third waits in the database.
         assert await claimed_lanes(engine) == 2
-    finally:
-        notifier.stop()
-        await running
-        answer.set()
+    answer.set()
     # The send cut short keeps its lease (sent again when it runs out); the one claimed ahead
     # is given back, due now for any worker.
     assert await claimed_lanes(engine) == 1
@@ -664,18 +655,13 @@ async def test_what_was_claimed_ahead_of_an_endpoint_that_answered_429_is_not_se
         return web.Response(status=429, headers={"Retry-After": "120"})
 
     consumer.answer = throttle
-    notifier = make_notifier(notify_concurrency=1)  # one sending, one claimed ahead
-    running = asyncio.create_task(notifier.run())
-    try:
 
-        async def settled() -> bool | None:
-            paused = (await endpoint_row(engine, busy["id"]))["paused_until"] is not None
-            return True if paused and await claimed_lanes(engine) == 0 else None
+    async def settled() -> bool | None:
+        paused = (await endpoint_row(engine, busy["id"]))["paused_until"] is not None
+        return True if paused and await claimed_lanes(engine) == 0 else None
 
+    async with running(make_notifier(notify_concurrency=1)):  # one sending, one ahead
         await eventually(settled)  # paused, and the lane claimed ahead given back
-    finally:
-        notifier.stop()
-        await running
     assert len(consumer.received) == 1
 
 
@@ -690,28 +676,18 @@ async def test_a_send_that_waits_too_long_for_a_slot_is_given_back_for_other_wor
     packages = [await subscribe(api, f"94001000000000000008{n:02}") for n in range(3)]
     await change(engine, *packages)
     answer = asyncio.Event()
+    consumer.answer = held_until(answer)
 
-    async def held(_: Received) -> web.StreamResponse:
-        await answer.wait()
-        return web.Response(status=204)
+    async def given_back() -> bool | None:
+        return True if await claimed_lanes(engine) == 1 else None
 
-    consumer.answer = held
-    notifier = make_notifier(notify_concurrency=1)
-    running = asyncio.create_task(notifier.run())
-    try:
+    async with running(make_notifier(notify_concurrency=1)):
         await asyncio.wait_for(consumer.arrivals.get(), timeout=10)
         assert await claimed_lanes(engine) == 2  # one sending, one claimed ahead
         clock.advance(seconds=READY_WAIT_MAX_S + 1)  # the slot is still taken
-
-        async def given_back() -> bool | None:
-            return True if await claimed_lanes(engine) == 1 else None
-
         await eventually(given_back)  # and not claimed again while the slot stays clogged
         assert len(await claim(engine, clock.now)) == 2  # another worker takes them
-    finally:
-        notifier.stop()
-        await running
-        answer.set()
+    answer.set()
 
 
 async def test_a_claim_skips_an_endpoint_whose_claim_lock_another_worker_holds(
@@ -728,6 +704,59 @@ async def test_a_claim_skips_an_endpoint_whose_claim_lock_another_worker_holds(
         await other_worker.execute(key, {"space": notify.ENDPOINT_LOCK_SPACE, "id": endpoint["id"]})
         assert await claim(engine, clock.now) == []
     assert len(await claim(engine, clock.now)) == 1
+
+
+@contextlib.asynccontextmanager
+async def running(notifier: Notifier) -> AsyncIterator[Notifier]:
+    """The notifier's own loop (not `drain`), stopped at the end of the block."""
+    task = asyncio.create_task(notifier.run())
+    try:
+        yield notifier
+    finally:
+        notifier.stop()
+        await task
+
+
+def held_until(answer: asyncio.Event) -> Answering:
+    """A consumer that answers 204 once `answer` is set."""
+
+    async def held(_: Received) -> web.StreamResponse:
+        await answer.wait()
+        return web.Response(status=204)
+
+    return held
+
+
+def test_a_send_claimed_ahead_starts_only_while_it_is_fresh(
+    make_notifier: MakeNotifier, clock: Clock
+) -> None:
+    notifier = make_notifier(notify_timeout_s=10, notify_lease_s=60)
+    spaced = notify.Send(
+        target=notify.Target(uuid.uuid4(), "http://consumer.test/", ("whsec_x",), 4.0),
+        subscription_id=uuid.uuid4(),
+        claim_token=uuid.uuid4(),
+        failures=0,
+        change_id=1,
+        type="subscription.active",
+        body=b"{}",
+        send_at=clock.now,
+        lease_until=clock.now + timedelta(seconds=60),
+    )
+    unlimited = dataclasses.replace(
+        spaced, target=dataclasses.replace(spaced.target, rate_limit_per_s=None)
+    )
+
+    def stale(send: notify.Send, claimed_s: float, now_s: float) -> bool:
+        claimed_at = clock.now + timedelta(seconds=claimed_s)
+        return notifier._stale(send, claimed_at, clock.now + timedelta(seconds=now_s))
+
+    # A rate-limited send (4/s) may start late by one spacing, no more.
+    assert not stale(spaced, 0, 0.2)
+    assert stale(spaced, 0, 0.3)
+    # Any send: only while the timeout and a second still fit before its lease (49 s in).
+    assert not stale(unlimited, 48.5, 48.9)
+    assert stale(unlimited, 48.5, 49.1)
+    assert notifier._clogged_until is None  # a lease running out is no clogged slot
 
 
 async def claimed_lanes(engine: AsyncEngine) -> int:
@@ -876,7 +905,6 @@ async def test_a_worker_killed_mid_send_has_the_message_sent_again(
         subscription_id = await subscribe(api, "9400100000000000000013")
         first = await asyncio.wait_for(consumer.arrivals.get(), timeout=30)
         worker.kill()
-        await worker.ensure_stopped()
     finally:
         await worker.ensure_stopped()
     assert first.subscription_id == subscription_id
@@ -1104,15 +1132,16 @@ def test_retry_after_is_obeyed_within_the_schedules_bounds(
 async def test_a_rate_limited_endpoint_is_not_due_again_before_its_next_send(
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
-    await register(api, consumer.url, rate_limit_per_s=1)
+    await register(api, consumer.url, rate_limit_per_s=0.5)
     packages = [await subscribe(api, f"94001000000000000004{n:02}") for n in range(5)]
     await change(engine, *packages)
     await queue(engine, clock)
-    assert len(await claim(engine, clock.now)) == 1  # a second's worth at 1/s
+    assert len(await claim(engine, clock.now)) == 1  # at 0.5/s, one; the next in 2 s
     async with engine.connect() as conn:
         due = await notify.next_due(conn)
-    assert due is not None
-    assert due >= clock.now  # not a busy loop while four more lanes are due
+    # Not a busy loop while four more lanes are due: the next claim is when the next send
+    # comes within SEND_AHEAD_S (1 s) of its time.
+    assert due == clock.now + timedelta(seconds=1)
 
 
 async def test_a_replay_waits_for_a_fan_out_in_progress_rather_than_be_overwritten(
