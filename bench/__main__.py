@@ -1,9 +1,10 @@
 """`python -m bench [SUITE ...] [--quick] [--only SCENARIO ...] [--profile] [--keep-logs]`.
 
-Suites: dispatch, ingest, subscribe (POST /v1/subscriptions and /batch against one asyncpg
-INSERT a request), queries (lists, events and the ops summary at 1,000,000 subscriptions) and
-changes (the change feed: pages, the SSE stream's lag, the outbox's cost, idle readers) and
-notify (notifications: to 1 and 100 endpoints against a bare client, lag, a dead consumer).
+Suites: dispatch, wrk (the webhook receiver, POST /v1/subscriptions and /batch under wrk, next
+to baselines of one asyncpg INSERT a request, with and without the signature check), queries
+(lists, events and the ops summary at 1,000,000 subscriptions), changes (the change feed:
+pages, the SSE stream's lag, the outbox's cost, idle readers) and notify (notifications: to 1
+and 100 endpoints against a bare client, lag, a dead consumer).
 Starts what it needs (PostgreSQL, simulator, API, dispatchers), runs the suites' scenarios,
 prints a row per scenario and a table of targets, writes JSON under bench/results/, and stops
 everything it started, also on failure, Ctrl-C, SIGTERM or when `--timeout-s` runs out.
@@ -24,15 +25,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import changes, dispatch, ingest, notify, queries, subscribe, wrkload
+from bench import changes, dispatch, notify, queries, wrkload
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
 
 SUITES: dict[str, ModuleType] = {
     "dispatch": dispatch,
-    "ingest": ingest,
-    "subscribe": subscribe,
     "queries": queries,
     "changes": changes,
     "notify": notify,
@@ -51,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the service under load (dispatch t1, ingest realistic, subscribe sub and "
-        "bulk, queries reads) and print where its time goes",
+        help="py-spy the service under load (dispatch t1, wrk realistic, queries reads) and "
+        "print where its time goes",
     )
     parser.add_argument(
         "--concurrency",
         type=int,
-        help="DISPATCH_CONCURRENCY, and the baseline client's calls in flight (default 100)",
+        help="DISPATCH_CONCURRENCY and the baseline client's calls in flight (default 100); "
+        "the wrk suite's connections (default 64)",
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON goes")

@@ -1,4 +1,4 @@
-"""The ingest and subscribe suites' baselines: an aiohttp process with no service logic at all.
+"""The wrk suite's baselines: an aiohttp process with no service logic at all.
 
     python -m bench.baseline_server bare   --port P
     python -m bench.baseline_server insert --port P --database-url URL [--path /v1/subscriptions]
@@ -10,8 +10,8 @@ asyncpg statement from a pool of `--pool-size` connections, then answers 204; `v
 checks the body's ShipEngine signature (RSA-SHA256 over `timestamp.body`, the key named by its
 id among the RSA keys of the JWKS, fetched once at start), answers 401 if it fails, and then
 does what `insert` does. Each serves
-`POST --path` (default: ShipEngine's webhook path, for the ingest suite; the subscribe suite
-posts to /v1/subscriptions). `GET /healthz` answers 200 once the server (and its pool) is up.
+`POST --path` (default: ShipEngine's webhook path; the subscribe loads post to
+/v1/subscriptions). `GET /healthz` answers 200 once the server (and its pool) is up.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Each scenario has a database and processes of its own:
             first; signed deliveries sent open-loop at 500/s for 20 s (quick: 8 s), each the
             first state of a package of its own, so each makes exactly one change; each
             delivery's 2xx and its change's event are timed on arrival, matched by tracking number
-    outbox  the ingest suite's realistic load (64 senders, 12,000 deliveries over 10,000
+    outbox  loadgen's realistic deliveries (64 senders, 12,000 deliveries over 10,000
             packages, 10% exact repeats) to the API as it is and to the API with
             `bench/experiments/no-outbox.patch` applied (filing writes no changes), alternated
             on fresh packages; best of each

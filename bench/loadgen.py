@@ -1,4 +1,5 @@
-"""The ingest suite's load generator: signed `track` deliveries from 64 senders, one process.
+"""Signed `track` deliveries: written for wrk (the wrk suite), or sent from 64 senders where
+wrk cannot send them (the changes and notify suites' paced loads), one process.
 
     python -m bench.loadgen --port P
 
