@@ -199,7 +199,8 @@ async def run(bench: Bench, report: Report) -> None:
                 await _refusals(plan, report, conn, servers, procs.log_dir, scrape)
             headers = {**apiload.JSON, **await api_headers(database_url)}
             if "subscribe" in loads:
-                await _subscribe(plan, report, conn, servers, procs.log_dir, headers)
+                profile = bench.log_dir / "wrk-subscribe-api.pyspy.txt" if bench.profile else None
+                await _subscribe(plan, report, procs, conn, servers, headers, profile)
             if "bulk" in loads:
                 await _bulk(plan, report, conn, servers["full"], procs.log_dir, headers)
             _rss_check(report, servers)
@@ -262,6 +263,14 @@ class Lists:
 
 
 @dataclasses.dataclass(frozen=True)
+class Spy:
+    """Where py-spy runs from and writes to."""
+
+    procs: Processes
+    output: Path
+
+
+@dataclasses.dataclass(frozen=True)
 class Server:
     key: str
     url: str
@@ -319,12 +328,9 @@ async def _measure(
     for key in RECEIVERS:
         name = f"{load}-{key}"
         listed = await lists.get(name)
-        profiler = None
-        if profile is not None and key == "full":  # py-spy on the receiver, its measured run
-            await lists.get(f"warmup-{key}")
-            profiler = await profiling.record(procs, servers[key].process, plan.run_s, profile)
+        spy = Spy(procs, profile) if profile is not None and key == "full" else None
         groups_before = await _group_commits(servers[key].url, scrape)
-        measured = await _run(plan, conn, lists, servers[key], name, f"warmup-{key}")
+        measured = await _run(plan, conn, lists, servers[key], name, f"warmup-{key}", spy)
         items, commits = (
             after - before
             for after, before in zip(
@@ -333,10 +339,9 @@ async def _measure(
         )
         extra = f"mean group {items / commits:.1f}" if commits else ""
         _row(report, load, key, measured, extra)
-        if profiler is not None and profile is not None:
-            await profiling.wait(profiler, timeout_s=plan.run_s + 30)
+        if spy is not None:
             title = f"the receiver under the {load} load"
-            summary = profiling.report(profile, plan.run_s, title, STAGES, top=25)
+            summary = profiling.report(spy.output, plan.run_s, title, STAGES, top=25)
             report.scenarios[f"{load}/{key}"]["profile"] = summary
         if load == "realistic" and measured.run.requests > listed.requests:
             report.note(
@@ -367,13 +372,14 @@ async def _run(
     server: Server,
     load: str,
     warmup: str | None,
+    spy: Spy | None = None,
 ) -> Measured:
     """A warm-up of `plan.warmup_s` (a receiver's on a list of its own: what it stores must
     not make the load's deliveries duplicates; a baseline's on the load), then the measured
     run, with CPU around it."""
     warm = await lists.get(warmup or load)
     measured = await lists.get(load)
-    return await _run_files(plan, conn, server, warm.path, measured.path, plan.connections)
+    return await _run_files(plan, conn, server, warm.path, measured.path, plan.connections, spy=spy)
 
 
 async def _run_files(
@@ -384,15 +390,22 @@ async def _run_files(
     requests_file: Path,
     connections: int,
     refused: bool = False,
+    spy: Spy | None = None,
 ) -> Measured:
-    """`refused`: every answer must be a refusal (400 or above), and is not an error."""
+    """`refused`: every answer must be a refusal (400 or above), and is not an error. `spy`:
+    py-spy on the server through the measured run (not the warm-up)."""
     await wrk.run(server.url, warm, connections=connections, duration_s=plan.warmup_s)
     groups = {"server": with_children(server.process.pid), "postgres": await backend_pids(conn)}
+    profiler = None
+    if spy is not None:
+        profiler = await profiling.record(spy.procs, server.process, plan.run_s, spy.output)
     before = cpu_snapshot(groups)
     measured = await wrk.run(
         server.url, requests_file, connections=connections, duration_s=plan.run_s
     )
     cpu = cpu_cores(before, cpu_snapshot(groups))
+    if profiler is not None:
+        await profiling.wait(profiler, timeout_s=plan.run_s + 30)
     if cpu:
         cpu["wrk"] = round(measured.cpu_s / cpu["interval_s"], 3)
         cpu["others"] = round(cpu["others"] - cpu["wrk"], 3)
@@ -525,12 +538,15 @@ def _api_list(
 async def _subscribe(
     plan: Plan,
     report: Report,
+    procs: Processes,
     conn: asyncpg.Connection,
     servers: dict[str, Server],
-    folder: Path,
     headers: dict[str, str],
+    profile: Path | None,
 ) -> None:
-    """New subscriptions, one a request: (b) twice, then each API on packages all new to it."""
+    """New subscriptions, one a request: (b) twice, then each API on packages all new to it;
+    `profile`: py-spy on the 1-process API through its measured run."""
+    folder = procs.log_dir
     b_list, _ = _api_list(
         folder,
         "subscribe-b",
@@ -548,10 +564,17 @@ async def _subscribe(
         listed, count = _api_list(folder, f"subscribe-{key}", headers, single)
         warm_spec = {**single, "count": 2_000, "prefix": SUBSCRIBE_WARMUP_PREFIX[key]}
         warm, _ = _api_list(folder, f"subscribe-warmup-{key}", headers, warm_spec)
-        result = await _run_files(plan, conn, servers[server], warm, listed, plan.connections)
+        spy = Spy(procs, profile) if profile is not None and key == "sub" else None
+        result = await _run_files(
+            plan, conn, servers[server], warm, listed, plan.connections, spy=spy
+        )
         if result.run.requests > count:
             report.note(f"subscribe: {key} took {result.run.requests:,} of a list of {count:,}")
         _row(report, "subscribe", key, result, "")
+        if spy is not None:
+            title = "POST /v1/subscriptions under wrk"
+            summary = profiling.report(spy.output, plan.run_s, title, SUBSCRIBE_STAGES, top=25)
+            report.scenarios[f"subscribe/{key}"]["profile"] = summary
         measured[key] = result
     chosen = max(measured, key=lambda key: measured[key].run.rate)
     api = measured[chosen]
@@ -708,4 +731,21 @@ STAGES = {
     "(prometheus_client/": "prometheus_client",
     "web_log.py": "aiohttp access log",
     "EpollSelector.select (": "epoll wait",
+}
+
+# The same for the subscribe path.
+SUBSCRIBE_STAGES = {
+    "subscribe (": "the single handler, all of it",
+    "read_json (": "read_json (body, json.loads)",
+    "parse_body (": "parse_body (pydantic validation)",
+    "GroupCommit._commit (": "a group commit, all of it",
+    "create_subscriptions (": "create_subscriptions",
+    "adopt_orphans (": "adopt_orphans (SELECT orphan deliveries)",
+    "subscription_out (": "subscription_out (the answer's model)",
+    "authenticate (": "auth middleware, all of it",
+    "(sqlalchemy/": "SQLAlchemy",
+    "(asyncpg/": "asyncpg",
+    "(pydantic": "pydantic",
+    "(structlog/": "structlog",
+    "(prometheus_client/": "prometheus_client",
 }
