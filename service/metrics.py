@@ -7,6 +7,8 @@ process reports the same truth.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -166,6 +168,21 @@ class Metrics:
             "Change streams (Server-Sent Events) this process serves now.",
             registry=registry,
         )
+        # The series of each answer, looked up once: `labels()` cost 1.2-1.5 µs a call on
+        # every request. As bounded as the series: methods, route patterns and statuses.
+        self._http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def http_series(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The request counter and latency histogram of answers of `status` to `method` on
+        `route` (a pattern, never a path)."""
+        key = (method, route, status)
+        series = self._http_series.get(key)
+        if series is None:
+            series = self._http_series[key] = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_latency.labels(method, route),
+            )
+        return series
 
     async def refresh_shared(self, conn: AsyncConnection) -> None:
         """Read the gauges of state every process shares from the database."""

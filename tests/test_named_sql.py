@@ -99,6 +99,7 @@ def test_the_statements_of_deliveries_are_those_it_runs() -> None:
     assert statements == {
         "insert_originals_and_lock": deliveries._INSERT_ORIGINALS_AND_LOCK,
         "lock_live": deliveries._LOCK_LIVE,
+        "orphans_of": deliveries._ORPHANS_OF,
         "mark": deliveries._MARK,
         "write_filings": deliveries._WRITE_FILINGS,
     }

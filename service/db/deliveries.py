@@ -470,33 +470,21 @@ async def adopt_orphans(
     conn: AsyncConnection, packages: Sequence[tuple[str, str]], rearm: RearmPolicy
 ) -> set[tuple[str, str]]:
     """File the deliveries that came before their subscriptions; returns the packages that
-    had some, as (carrier_code, tracking_number). One indexed query when none had any."""
+    had some, as (carrier_code, tracking_number). One indexed query when none had any: a fixed
+    statement to asyncpg (SQLAlchemy's expanding IN was 4 % of the subscribe path's CPU)."""
     wanted = set(packages)
-    orphans = (
-        await conn.execute(
-            sa.select(
-                webhook_deliveries.c.id,
-                webhook_deliveries.c.body,
-                webhook_deliveries.c.carrier_code,
-                webhook_deliveries.c.tracking_number,
-            )
-            .where(
-                webhook_deliveries.c.tracking_number.in_({number for _, number in wanted}),
-                webhook_deliveries.c.outcome == DeliveryOutcome.ORPHAN.value,
-            )
-            .order_by(webhook_deliveries.c.id)
-        )
-    ).all()
+    db = await driver_connection(conn)
+    orphans = await _ORPHANS_OF.fetch(db, numbers=sorted({number for _, number in wanted}))
     adopted = set()
     to_file = []
     for orphan in orphans:
         # A delivery without a carrier code belongs to whichever carrier has its number.
-        matches = [(c, n) for c, n in wanted if n == orphan.tracking_number]
-        match = next((p for p in matches if p[0] == orphan.carrier_code), None)
-        if match is None and orphan.carrier_code is None and matches:
+        matches = [(c, n) for c, n in wanted if n == orphan["tracking_number"]]
+        match = next((p for p in matches if p[0] == orphan["carrier_code"]), None)
+        if match is None and orphan["carrier_code"] is None and matches:
             match = matches[0]
         if match is not None:
-            to_file.append(Stored(orphan.id, _reparse(orphan.body), DeliveryOutcome.ORPHAN))
+            to_file.append(Stored(orphan["id"], _reparse(orphan["body"]), DeliveryOutcome.ORPHAN))
             adopted.add(match)
     await file_stored(conn, to_file, rearm)
     return adopted
@@ -570,5 +558,6 @@ async def replay_one(
 _STATEMENTS = named_statements("deliveries.sql")
 _INSERT_ORIGINALS_AND_LOCK = _STATEMENTS["insert_originals_and_lock"]
 _LOCK_LIVE = _STATEMENTS["lock_live"]
+_ORPHANS_OF = _STATEMENTS["orphans_of"]
 _MARK = _STATEMENTS["mark"]
 _WRITE_FILINGS = _STATEMENTS["write_filings"]

@@ -101,6 +101,13 @@ WHERE tracking_number = ANY(CAST(:numbers AS text[])) AND state <> 'stopped'
 ORDER BY id
 FOR NO KEY UPDATE
 
+-- name: orphans_of
+-- The orphans of these tracking numbers, oldest first (`adopt_orphans`).
+SELECT id, body, carrier_code, tracking_number
+FROM webhook_deliveries
+WHERE tracking_number = ANY(CAST(:numbers AS text[])) AND outcome = 'orphan'
+ORDER BY id
+
 -- name: mark
 -- Stored deliveries whose outcome or subscription filing corrected.
 WITH marks AS (
