@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the service under load (dispatch t1, wrk realistic, queries reads) and "
-        "print where its time goes",
+        help="py-spy the service under load (dispatch t1; wrk: the 1-process receiver under "
+        "realistic and hot, subscribe's sub; queries reads) and print where its time goes",
     )
     parser.add_argument(
         "--concurrency",
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON goes")
-    parser.add_argument("--timeout-s", type=float, default=1200.0, help="stop everything after")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after")
     args = parser.parse_args(argv)
     unknown = set(args.suites) - set(SUITES)
     if unknown:

@@ -462,7 +462,7 @@ async def backend_pids(conn: asyncpg.Connection) -> list[int]:
 
 
 class LoadGenerator:
-    """The harness's handle on a load generator process (`bench.loadgen`, `bench.apiload`)."""
+    """The harness's handle on the load generator process (`bench.loadgen`)."""
 
     def __init__(self, url: str, process: ServiceProcess) -> None:
         self.url = url

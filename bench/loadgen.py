@@ -1,5 +1,6 @@
-"""Signed `track` deliveries: written for wrk (the wrk suite), or sent from 64 senders where
-wrk cannot send them (the changes and notify suites' paced loads), one process.
+"""Signed `track` deliveries: written for wrk (the wrk suite), or sent from 64 senders for the
+changes and notify suites (their paced loads, which wrk cannot send, and the changes suite's
+`outbox` comparison), one process.
 
     python -m bench.loadgen --port P
 
@@ -14,11 +15,11 @@ there). The harness drives it over HTTP on the same port:
                                                   when each request was due and answered
     POST /export  {"load", "path"}   write it where wrk replays it from (`bench/wrk.py`)
 
-A prepared list is fixed: every server (the receiver and both baselines) gets the same bytes in
-the same order over keep-alive connections of one aiohttp session, `concurrency` requests in
-flight (a baseline gets the list again until `min_s` has passed). Signing happens in /prepare,
-never while measuring; a signature stays valid for WEBHOOK_TIMESTAMP_TOLERANCE_S (5 min), so a
-list is sent soon after it was prepared.
+A prepared list is fixed: every server it is sent to gets the same bytes in the same order
+over keep-alive connections of one aiohttp session, `concurrency` requests in flight (a
+baseline gets the list again until `min_s` has passed). Signing happens in /prepare, never
+while measuring; a signature stays valid for WEBHOOK_TIMESTAMP_TOLERANCE_S (5 min), so a list
+is sent soon after it was prepared.
 """
 
 from __future__ import annotations

@@ -101,7 +101,9 @@ def summarise(collapsed: Path, seconds: float, top: int = 15) -> Profile:
 
 
 def inclusive(collapsed: Path, functions: list[str]) -> dict[str, float]:
-    """For each function name fragment, the share of busy samples with it on the stack."""
+    """For each marker, the share of busy samples with it on the stack. A marker ending in
+    ` (` is a function's name and matches a frame's start (`_payload (` is not
+    `parse_track_payload (`); any other, a fragment of a frame (`(structlog/`)."""
     counts: collections.Counter[str] = collections.Counter()
     busy = 0
     for line in collapsed.read_text().splitlines():
@@ -109,8 +111,9 @@ def inclusive(collapsed: Path, functions: list[str]) -> dict[str, float]:
         if not stack or not raw_count.isdigit():
             continue
         busy += int(raw_count)
+        framed = f";{stack}"
         for name in functions:
-            if name in stack:
+            if (f";{name}" if name.endswith(" (") else name) in framed:
                 counts[name] += int(raw_count)
     return {name: counts[name] / busy if busy else 0.0 for name in functions}
 

@@ -1,5 +1,6 @@
-"""What both load generators do once their requests are prepared: send them all, `concurrency`
-in flight over as many keep-alive connections of one aiohttp session, and measure."""
+"""What the load generator (`bench/loadgen.py`) does once its requests are prepared, where wrk
+cannot do it: send them all, `concurrency` in flight over as many keep-alive connections of one
+aiohttp session, or paced, and measure."""
 
 from __future__ import annotations
 

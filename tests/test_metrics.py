@@ -46,16 +46,22 @@ async def test_requests_are_counted_by_route_pattern(api: Client) -> None:
 
 async def test_methods_nobody_serves_share_one_series(api: Client) -> None:
     """Any token is a method to HTTP (aiohttp's C parser knows some 40, its Python parser takes
-    any): counted by name, each would be series of its own for the life of the process."""
+    any): counted by name, each would be series of its own for the life of the process. The
+    methods the API serves keep their names."""
     for method in ("PROPFIND", "MKCOL", "LOCK"):
         await api.request(method, "/v1/subscriptions")
     await api.request("PURGE", "/nowhere")
+    for method in ("DELETE", "DELETE", "HEAD"):
+        await api.request(method, "/nowhere")
     samples = await scrape(api)
     methods = {dict(key[1]).get("method") for key in samples if key[0].startswith("tracking_http")}
-    assert methods == {"OTHER"}
+    assert methods == {"OTHER", "DELETE", "HEAD"}
     key = "tracking_http_requests_total"
     assert samples[(key, labels(method="OTHER", route="unmatched", status="405"))] == 3
     assert samples[(key, labels(method="OTHER", route="unmatched", status="404"))] == 1
+    assert samples[(key, labels(method="DELETE", route="unmatched", status="404"))] == 2
+    latency = "tracking_http_request_seconds_count"
+    assert samples[(latency, labels(method="DELETE", route="unmatched"))] == 2
 
 
 async def test_webhooks_backlog_and_pause(

@@ -142,11 +142,10 @@ async def create_subscriptions(
 
 
 # One statement text whatever the number of rows: the rows go as one JSON parameter
-# (`db/driver.py` says why), so SQLAlchemy compiles it once and binds one parameter, not six per
-# row. Its "insertmanyvalues" form bound and processed each row's values one by one: a quarter
-# of the API's CPU in a batch of 1,000 (py-spy of the bulk load, then in the subscribe suite,
-# now in the wrk suite). The conflict target names the live-package index by its predicate, as ON
-# CONFLICT requires.
+# (`db/driver.py` says why), one parameter, not six per row. SQLAlchemy's "insertmanyvalues"
+# form bound and processed each row's values one by one: a quarter of the API's CPU in a batch
+# of 1,000 (py-spy of the former subscribe suite's bulk load). The conflict target names the
+# live-package index by its predicate, as ON CONFLICT requires.
 _INSERT_NEW = Statement.of(
     f"""
     INSERT INTO subscriptions
