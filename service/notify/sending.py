@@ -9,6 +9,7 @@ is logged (a consumer's URL may carry its own token).
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Iterable
@@ -93,9 +94,7 @@ async def post(
 ) -> Answer:
     """POST `body` to `url`, signed; never raises for what the consumer or the network did."""
     started = time.monotonic()
-    try:
-        parse_url(url, allowed_hosts)
-    except UrlRefused:
+    if not _sendable(url, tuple(allowed_hosts)):
         return Answer(NotifyOutcome.REFUSED, None, 0.0, None)
     sent_headers = headers(message_id, body, secrets, int(time.time()))
     try:
@@ -123,6 +122,18 @@ async def post(
         return Answer(NotifyOutcome.UNREACHABLE, None, _ms_since(started), None)
     outcome = outcome_of_status(status, wait_s)
     return Answer(outcome, status, _ms_since(started), kept_response(kept), wait_s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sendable(url: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """`parse_url`'s verdict on `url`, which depends on nothing else (what its host resolves to
+    is checked as it is sent, by `CheckedResolver`): parsed once per endpoint in use, not per
+    send, where it was 4 % of a notifier's CPU sending to 100 endpoints."""
+    try:
+        parse_url(url, allowed_hosts)
+    except UrlRefused:
+        return False
+    return True
 
 
 async def _head(response: aiohttp.ClientResponse) -> bytes:
