@@ -587,15 +587,16 @@ def cpu_snapshot(groups: Mapping[str, Iterable[int]]) -> CpuSnapshot:
 
 def cpu_cores(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     """Cores used between two snapshots (1.0: one core busy all along): by each group (its
-    processes alive at both), by the whole machine, and by everything else on it ("others",
-    what a shared machine's neighbours took)."""
+    processes alive at the end; one that is new to the group since the first snapshot counts
+    from its start: a PostgreSQL backend a pool opened meanwhile), by the whole machine, and by
+    everything else on it ("others", what a shared machine's neighbours took)."""
     elapsed = after.at - before.at
     if elapsed <= 0:
         return {}
     used = {}
     for name, now in after.per_group.items():
         then = before.per_group.get(name, {})
-        spent = sum(cpu - then[pid] for pid, cpu in now.items() if pid in then)
+        spent = sum(cpu - then.get(pid, 0.0) for pid, cpu in now.items())
         used[name] = round(spent / elapsed, 3)
     used["machine"] = round((after.machine_busy_s - before.machine_busy_s) / elapsed, 3)
     used["others"] = round(used["machine"] - sum(used[name] for name in after.per_group), 3)

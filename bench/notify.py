@@ -335,6 +335,7 @@ async def throughput(
                 print(f"{key}: the notifier's profile: {profile_to}")
                 for spot in summary.hotspots:
                     print(f"  {spot.total_share:6.1%} {spot.self_share:6.1%}  {spot.function}")
+            groups["postgres"] = await backend_pids(conn)  # with those opened meanwhile
             cpu = cpu_cores(before, cpu_snapshot(groups))
             await procs.stop([notifier])
             left = await conn.fetchval("SELECT count(*) FROM notify_messages")
@@ -459,6 +460,7 @@ async def lag(bench: Bench, plan: Plan, report: Report, *, with_dead: bool) -> d
             )
             answered = sum(1 for s in sent["status_of"] if s.startswith("2"))
             arrivals = await consumer.until(answered, plan.lag_drain_s, "live")
+            groups["postgres"] = await backend_pids(conn)  # with those opened meanwhile
             cpu = cpu_cores(before, cpu_snapshot(groups))
         finally:
             await conn.close()

@@ -408,6 +408,7 @@ async def _run_files(
     measured = await wrk.run(
         server.url, requests_file, connections=connections, duration_s=plan.run_s
     )
+    groups["postgres"] = await backend_pids(conn)  # with those a pool opened meanwhile
     cpu = cpu_cores(before, cpu_snapshot(groups))
     if profiler is not None:
         await profiling.wait(profiler, timeout_s=plan.run_s + 30)
