@@ -55,7 +55,7 @@ import aiohttp
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import apiload, profiling, wrk
+from bench import apiload, baseline_server, profiling, wrk
 from bench.infra import (
     LOOPBACK,
     BenchError,
@@ -430,7 +430,7 @@ async def _settle(conn: asyncpg.Connection) -> None:
     """The database as each run should find it: autovacuum would otherwise clean up after the
     loads before (tens of thousands of updated subscriptions) during the next one, on the
     same 2 cores, and the rows the baselines inserted are never read."""
-    await conn.execute("TRUNCATE ingest_baseline")
+    await conn.execute(f"TRUNCATE {baseline_server.TABLE}")
     await conn.execute("VACUUM (ANALYZE)")
     # A role without pg_checkpoint: the run starts with the writes still to flush.
     with contextlib.suppress(asyncpg.InsufficientPrivilegeError):

@@ -191,6 +191,13 @@ async def change(
         await feed.note(conn, [(uuid.UUID(s), kind) for s in subscription_ids])
 
 
+async def changed_packages(api: Client, engine: AsyncEngine, prefix: str, count: int) -> list[str]:
+    """`count` new subscriptions (numbers `prefix` + 00, 01, ...), a change of each committed."""
+    packages = [await subscribe(api, f"{prefix}{n:02}") for n in range(count)]
+    await change(engine, *packages)
+    return packages
+
+
 async def count(engine: AsyncEngine, table: sa.Table) -> int:
     async with engine.connect() as conn:
         return int(await conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
@@ -565,8 +572,7 @@ async def test_per_endpoint_concurrency_counts_every_workers_sends(
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
     await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000002{n:02}") for n in range(5)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000002", 5)
     assert (await queue(engine, clock)).queued == 5
 
     first = await claim(engine, clock.now, per_endpoint=2)
@@ -579,8 +585,7 @@ async def test_sends_answered_but_not_yet_recorded_free_their_endpoints_room(
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
     await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000004{n:02}") for n in range(4)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000004", 4)
     await queue(engine, clock)
 
     first = await claim(engine, clock.now, per_endpoint=2)
@@ -595,8 +600,7 @@ async def test_a_record_in_progress_at_an_endpoint_does_not_make_a_claim_pass_it
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
     endpoint = await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000005{n:02}") for n in range(2)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000005", 2)
     await queue(engine, clock)
     async with engine.begin() as recording:
         # As a record's attempt does: its foreign key holds the endpoint's row (KEY SHARE).
@@ -624,8 +628,7 @@ async def test_lanes_are_claimed_ahead_of_the_slots_and_given_back_when_the_noti
     clock: Clock,
 ) -> None:
     await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000006{n:02}") for n in range(3)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000006", 3)
     answer = asyncio.Event()
     consumer.answer = held_until(answer)
     async with running(make_notifier(notify_concurrency=1)):
@@ -648,8 +651,7 @@ async def test_what_was_claimed_ahead_of_an_endpoint_that_answered_429_is_not_se
     clock: Clock,
 ) -> None:
     busy = await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000007{n:02}") for n in range(2)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000007", 2)
 
     async def throttle(_: Received) -> web.StreamResponse:
         return web.Response(status=429, headers={"Retry-After": "120"})
@@ -673,8 +675,7 @@ async def test_a_send_that_waits_too_long_for_a_slot_is_given_back_for_other_wor
     clock: Clock,
 ) -> None:
     await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000008{n:02}") for n in range(3)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000008", 3)
     answer = asyncio.Event()
     consumer.answer = held_until(answer)
 
@@ -769,8 +770,7 @@ async def test_a_rate_limit_spaces_sends_across_claims_and_workers(
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
     await register(api, consumer.url, rate_limit_per_s=4)
-    packages = [await subscribe(api, f"94001000000000000003{n:02}") for n in range(10)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000003", 10)
     await queue(engine, clock)
 
     first = await claim(engine, clock.now)
@@ -1133,8 +1133,7 @@ async def test_a_rate_limited_endpoint_is_not_due_again_before_its_next_send(
     api: Client, engine: AsyncEngine, consumer: Consumer, clock: Clock
 ) -> None:
     await register(api, consumer.url, rate_limit_per_s=0.5)
-    packages = [await subscribe(api, f"94001000000000000004{n:02}") for n in range(5)]
-    await change(engine, *packages)
+    await changed_packages(api, engine, "94001000000000000004", 5)
     await queue(engine, clock)
     assert len(await claim(engine, clock.now)) == 1  # at 0.5/s, one; the next in 2 s
     async with engine.connect() as conn:
@@ -1264,8 +1263,7 @@ async def test_a_full_queue_takes_no_more_of_the_feed_until_it_has_room(
     api: Client, engine: AsyncEngine, consumer: Consumer, make_notifier: MakeNotifier, clock: Clock
 ) -> None:
     endpoint = await register(api, consumer.url)
-    packages = [await subscribe(api, f"94001000000000000006{n:02}") for n in range(5)]
-    await change(engine, *packages)
+    packages = await changed_packages(api, engine, "94001000000000000006", 5)
 
     async def fan_out() -> notify.FanOut:
         return await notify.fan_out(
