@@ -132,7 +132,7 @@ class Plan:
     warmup_s: float = 2.0
     run_s: float = 10.0
     pool_size: int = 10
-    subscriptions: int = 60_000  # more than the API takes in a run: each one new
+    subscriptions: int = 100_000  # more than the API takes in a run: each one new
     bulk_batches: int = 400
     bulk_size: int = 1_000
     bulk_connections: int = 4
@@ -140,7 +140,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = dataclasses.replace(
-    FULL, deliveries=24_000, warmup_s=1.0, run_s=5.0, subscriptions=30_000, bulk_batches=200
+    FULL, deliveries=24_000, warmup_s=1.0, run_s=5.0, subscriptions=50_000, bulk_batches=200
 )
 
 

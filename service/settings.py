@@ -250,7 +250,11 @@ class Settings(FromEnvironment):
     log_level: LogLevel = setting(
         "INFO", "`DEBUG`, `INFO`, `WARNING`, `ERROR`; logs are JSON lines on stdout"
     )
-    database_pool_size: PositiveInt = setting(10, "connections each process keeps to PostgreSQL")
+    database_pool_size: PositiveInt = setting(
+        10,
+        "connections each process keeps to PostgreSQL (up to as many again while busy); under "
+        "load, the API's group commits keep 4 of them between their transactions",
+    )
     database_pool_timeout_s: PositiveFloat = setting(
         3.0,
         "how long a request waits for a free connection before it is answered 503 with "

@@ -179,7 +179,8 @@ def incoming(number: str) -> Incoming:
 
 async def file_one(engine: AsyncEngine, number: str) -> None:
     async with engine.begin() as conn:
-        await store_and_file(conn, [incoming(number)], RearmPolicy(max_rearms=0, delay_s=60))
+        db = await driver_connection(conn)
+        await store_and_file(db, [incoming(number)], RearmPolicy(max_rearms=0, delay_s=60))
 
 
 async def test_filing_through_the_driver_discards_a_dead_connection(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db.deliveries import Incoming, store_and_file
+from service.db.driver import driver_connection
 from service.db.subscriptions import (
     NewSubscription,
     create_subscription,
@@ -57,7 +58,7 @@ async def file_all(
         size = next(sizes, 1)
         batch, pending = pending[:size], pending[size:]
         async with engine.begin() as conn:
-            await store_and_file(conn, batch, REARM)
+            await store_and_file(await driver_connection(conn), batch, REARM)
     async with engine.connect() as conn:
         current = await get_subscription(conn, row["id"])
         events = await list_events(conn, row["id"])

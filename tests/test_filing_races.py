@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import dispatch
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
+from service.db.driver import driver_connection
 from service.db.subscriptions import NewSubscription, request_stop, subscribe
 from service.domain.subscriptions import Budget, CallOutcome, Operation, OutcomeKind, RetryPolicy
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
@@ -106,7 +107,9 @@ async def settled(engine: AsyncEngine, work: asyncio.Task[Any], tx: Transaction)
 async def subscribed(engine: AsyncEngine, carrier_code: str) -> uuid.UUID:
     """A new subscription of NUMBER with that carrier, committed (its start due)."""
     async with engine.begin() as conn:
-        ((row, created),) = await subscribe(conn, [NewSubscription(carrier_code, NUMBER)], REARM)
+        ((row, created),) = await subscribe(
+            await driver_connection(conn), [NewSubscription(carrier_code, NUMBER)], REARM
+        )
     assert created
     subscription_id: uuid.UUID = row["id"]
     return subscription_id
@@ -164,7 +167,8 @@ async def file_behind(
     """File `delivery` in a transaction of its own; once it waits for `holder`, commit
     `holder`. Returns what filing answered, committed."""
     async with transaction(engine) as receiver, asyncio.TaskGroup() as tasks:
-        filing = tasks.create_task(store_and_file(receiver.conn, [delivery], REARM))
+        db = await driver_connection(receiver.conn)
+        filing = tasks.create_task(store_and_file(db, [delivery], REARM))
         await blocked(engine, receiver, by=holder)
         await holder.conn.commit()
         async with asyncio.timeout(WAIT_S):
@@ -215,7 +219,8 @@ async def test_a_delivery_waiting_for_another_filing_of_its_package_files_agains
 ) -> None:
     subscription_id = await subscribed(engine, "stamps_com")
     async with transaction(engine) as other:
-        await store_and_file(other.conn, [incoming("stamps_com", 4)], REARM)  # delivered
+        delivered = incoming("stamps_com", 4)
+        await store_and_file(await driver_connection(other.conn), [delivered], REARM)
         # An older state, its snapshot taken before the delivered one commits: it must not
         # move the package back.
         filed = await file_behind(engine, incoming("stamps_com", 2), other)
@@ -241,7 +246,8 @@ async def test_a_delivery_waiting_for_another_filing_of_its_package_files_agains
 
 async def subscribe_and_commit(tx: Transaction) -> uuid.UUID:
     """A new subscription of NUMBER (adopting its orphans), committed in `tx`."""
-    ((row, created),) = await subscribe(tx.conn, [NewSubscription("stamps_com", NUMBER)], REARM)
+    db = await driver_connection(tx.conn)
+    ((row, created),) = await subscribe(db, [NewSubscription("stamps_com", NUMBER)], REARM)
     await tx.conn.commit()
     assert created
     subscription_id: uuid.UUID = row["id"]
@@ -261,7 +267,8 @@ async def test_a_subscription_replacing_one_stopped_while_a_delivery_waits_gets_
     ):
         await record_stop_accepted(dispatcher, claim)
         delivery = incoming("stamps_com", 2)
-        filing = tasks.create_task(store_and_file(receiver.conn, [delivery], REARM))
+        db = await driver_connection(receiver.conn)
+        filing = tasks.create_task(store_and_file(db, [delivery], REARM))
         await blocked(engine, receiver, by=dispatcher)
         # The replacement waits on the live-package index for the stop to commit.
         replacing = tasks.create_task(subscribe_and_commit(subscriber))
@@ -286,7 +293,8 @@ async def test_a_subscription_created_while_an_orphan_of_its_package_commits_ado
         transaction(engine) as subscriber,
         asyncio.TaskGroup() as tasks,
     ):
-        (filed,) = await store_and_file(receiver.conn, [incoming("stamps_com", 2)], REARM)
+        db = await driver_connection(receiver.conn)
+        (filed,) = await store_and_file(db, [incoming("stamps_com", 2)], REARM)
         subscribing = tasks.create_task(subscribe_and_commit(subscriber))
         # The orphan commits once the subscription has committed, or waits for it.
         await settled(engine, subscribing, subscriber)

@@ -12,15 +12,16 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import subscriptions as queries
 from service.db.deliveries import FiledDelivery, Incoming, store_and_file
 from service.db.errors import DatabaseOverloaded, is_unavailable
-from service.db.group_commit import GroupCommit
+from service.db.group_commit import WRITERS, GroupCommit
 from service.db.subscriptions import NewSubscription, Subscribed, create_subscription
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
 from tests.payloads import track_body
+from tests.waiting import eventually
 
 REARM = RearmPolicy(max_rearms=1, delay_s=60)
 T = TypeVar("T")
@@ -52,8 +53,8 @@ class Deliveries(GroupCommit[Incoming, FiledDelivery]):
         super().__init__(engine, self._file, self.groups.append)
 
     @staticmethod
-    async def _file(conn: AsyncConnection, items: Sequence[Incoming]) -> list[FiledDelivery]:
-        return await store_and_file(conn, items, REARM)
+    async def _file(db: asyncpg.Connection, items: Sequence[Incoming]) -> list[FiledDelivery]:
+        return await store_and_file(db, items, REARM)
 
 
 async def queued(group_commit: GroupCommit[T, Any], items: list[T]) -> list[asyncio.Task[Any]]:
@@ -115,9 +116,9 @@ async def test_a_group_that_loses_a_deadlock_is_committed_again_whole(
 ) -> None:
     attempts: list[int] = []
 
-    async def work(conn: AsyncConnection, items: Sequence[str]) -> list[str]:
+    async def work(db: asyncpg.Connection, items: Sequence[str]) -> list[str]:
         attempts.append(len(items))
-        await conn.execute(text("SELECT 1"))
+        await db.execute("SELECT 1")
         if len(attempts) == 1:
             # What PostgreSQL answers the transaction it picks to break a deadlock.
             raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
@@ -148,8 +149,8 @@ async def test_closing_commits_what_is_queued_first(engine: AsyncEngine) -> None
 async def test_subscribes_queued_together_share_one_commit(engine: AsyncEngine) -> None:
     groups: list[int] = []
 
-    async def create(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[Subscribed]:
-        return await queries.subscribe(conn, news, REARM)
+    async def create(db: asyncpg.Connection, news: Sequence[NewSubscription]) -> list[Subscribed]:
+        return await queries.subscribe(db, news, REARM)
 
     subscribes = GroupCommit(engine, create, groups.append)
     news = [NewSubscription("ups", "1ZS1"), NewSubscription("ups", "1ZS2")]
@@ -168,7 +169,7 @@ async def test_past_its_queue_bound_a_group_commit_sheds_work_as_unavailable(
 ) -> None:
     release = asyncio.Event()
 
-    async def wait_then_echo(_: AsyncConnection, items: Sequence[int]) -> list[int]:
+    async def wait_then_echo(_: asyncpg.Connection, items: Sequence[int]) -> list[int]:
         await release.wait()
         return list(items)
 
@@ -183,3 +184,56 @@ async def test_past_its_queue_bound_a_group_commit_sheds_work_as_unavailable(
     release.set()
     assert await asyncio.gather(*waiting) == [1, 2]
     await group_commit.close()
+
+
+async def backend_of(db: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+    """Each item answered with the server process its group's transaction ran on."""
+    pid: int = await db.fetchval("SELECT pg_backend_pid()")
+    return [pid for _ in items]
+
+
+async def test_a_writer_keeps_its_connection_while_work_comes_and_gives_it_back_when_idle(
+    engine: AsyncEngine,
+) -> None:
+    group_commit: GroupCommit[int, int] = GroupCommit(engine, backend_of, lambda _: None)
+    group_commit.start()
+    try:
+        # One item at a time, each submitted as soon as the one before is answered.
+        pids = {await group_commit.submit(n) for n in range(20)}
+        assert len(pids) <= WRITERS  # no check-out per group: each writer kept its connection
+        assert engine.pool.checkedout() >= 1  # type: ignore[attr-defined]
+
+        async def all_back() -> bool | None:
+            return True if engine.pool.checkedout() == 0 else None  # type: ignore[attr-defined]
+
+        await eventually(all_back, timeout_s=5)
+    finally:
+        await group_commit.close()
+
+
+async def test_a_connection_the_server_ended_is_replaced_before_a_group_uses_it(
+    engine: AsyncEngine,
+) -> None:
+    group_commit: GroupCommit[int, int] = GroupCommit(engine, backend_of, lambda _: None)
+    group_commit.start()
+    try:
+        before = {await group_commit.submit(n) for n in range(4)}
+        pids = {"pids": sorted(before)}
+        async with engine.connect() as conn:
+            await conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) pid"), pids
+            )
+
+        async def gone() -> bool | None:
+            async with engine.connect() as conn:  # a transaction each: a new view of activity
+                query = text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(CAST(:pids AS int[]))"
+                )
+                return True if await conn.scalar(query, pids) == 0 else None
+
+        # Gone from the server, and their end read by this process's loop meanwhile.
+        await eventually(gone)
+        answers = {await group_commit.submit(n) for n in range(4)}  # none fails
+        assert not answers & before
+    finally:
+        await group_commit.close()

@@ -20,6 +20,7 @@ from service.api import app as app_module
 from service.api.app import create_app
 from service.db import partitions
 from service.db.deliveries import Incoming, store_and_file
+from service.db.driver import driver_connection
 from service.db.partitions import DELIVERIES, EVENTS, Maintenance
 from service.db.subscriptions import NewSubscription, create_subscription
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
@@ -79,7 +80,7 @@ async def deliver(conn: AsyncConnection, number: str) -> None:
     incoming = Incoming(
         {}, json.dumps(payload).encode(), update, content_digest(payload, update), "verified"
     )
-    await store_and_file(conn, [incoming], REARM)
+    await store_and_file(await driver_connection(conn), [incoming], REARM)
 
 
 async def test_the_migration_leaves_this_period_and_two_ahead_and_maintenance_keeps_it_so(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
+import asyncpg
 import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -221,11 +222,11 @@ async def _group_commits(app: web.Application) -> AsyncIterator[None]:
     """Closed before the engine, so what is queued is committed first."""
     engine, rearm, sizes = app[ENGINE], app[SETTINGS].rearm_policy, app[METRICS].group_commit_size
 
-    async def file(conn: AsyncConnection, items: Sequence[Incoming]) -> list[FiledDelivery]:
-        return await store_and_file(conn, items, rearm)
+    async def file(db: asyncpg.Connection, items: Sequence[Incoming]) -> list[FiledDelivery]:
+        return await store_and_file(db, items, rearm)
 
-    async def create(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[Subscribed]:
-        return await queries.subscribe(conn, news, rearm)
+    async def create(db: asyncpg.Connection, news: Sequence[NewSubscription]) -> list[Subscribed]:
+        return await queries.subscribe(db, news, rearm)
 
     deliveries = GroupCommit(engine, file, sizes.labels("webhook").observe)
     subscribes = GroupCommit(engine, create, sizes.labels("subscribe").observe)

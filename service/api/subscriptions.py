@@ -34,6 +34,7 @@ from service.api.schemas import (
     subscription_out,
 )
 from service.db import subscriptions as queries
+from service.db.driver import driver_connection
 from service.db.subscriptions import NewSubscription, Subscribed
 from service.domain.access import Scope
 
@@ -102,7 +103,8 @@ async def subscribe_many(request: web.Request) -> web.Response:
 
 async def _create(request: web.Request, news: list[NewSubscription]) -> list[Subscribed]:
     async with request.app[ENGINE].begin() as conn:
-        return await queries.subscribe(conn, news, request.app[SETTINGS].rearm_policy)
+        db = await driver_connection(conn)
+        return await queries.subscribe(db, news, request.app[SETTINGS].rearm_policy)
 
 
 @routes.get("/v1/subscriptions")

@@ -28,7 +28,13 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
-from service.db.driver import bytea_text, driver_connection, json_rows, named_statements
+from service.db.driver import (
+    Statement,
+    bytea_text,
+    driver_connection,
+    json_rows,
+    named_statements,
+)
 from service.db.tables import ORIGINAL, webhook_deliveries, webhook_refusal_counts
 from service.domain.changes import filing_change, may_change
 from service.domain.deliveries import DeliveryOutcome
@@ -79,16 +85,16 @@ class Stored:
 
 
 async def store_and_file(
-    conn: AsyncConnection, incoming: Sequence[Incoming], rearm: RearmPolicy
+    db: asyncpg.Connection, incoming: Sequence[Incoming], rearm: RearmPolicy
 ) -> list[FiledDelivery]:
     """Keep each delivery and file what it says; a copy of stored content is kept as a duplicate.
 
     The unique index on content recognises a copy before any subscription row is locked, so a
     burst of retries of one delivery does not queue up on its subscription. Within the batch,
     the first of equal contents is the candidate original and the others its copies.
+    `db` is in a transaction (from SQLAlchemy's connection: `driver_connection`).
     """
-    await share_packages(conn, [item.update.tracking_number for item in incoming])
-    db = await driver_connection(conn)
+    await share_packages(db, [item.update.tracking_number for item in incoming])
     first_of: dict[bytes, int] = {}
     for index, item in enumerate(incoming):
         first_of.setdefault(item.content_sha256, index)
@@ -109,7 +115,7 @@ async def store_and_file(
     return [next(filed) if original else next(duplicates) for original in is_original]
 
 
-async def share_packages(conn: AsyncConnection, numbers: Iterable[str | None]) -> None:
+async def share_packages(db: asyncpg.Connection, numbers: Iterable[str | None]) -> None:
     """Hold the packages' filing locks in shared mode until the transaction ends.
 
     Filing chooses a package's live subscription from one snapshot; a subscription created
@@ -118,14 +124,14 @@ async def share_packages(conn: AsyncConnection, numbers: Iterable[str | None]) -
     subscription: it stayed an orphan. `subscribe` takes the same locks exclusively after its
     INSERT, so each side waits for the other's commit and the second sees the first. Shared
     among deliveries, they never wait for each other. Taken in key order by both sides, they
-    cannot deadlock. Run through SQLAlchemy, this statement also begins the transaction.
+    cannot deadlock.
     """
-    await conn.execute(_SHARE_PACKAGES, {"numbers": sorted({n for n in numbers if n})})
+    await _SHARE_PACKAGES.fetch(db, numbers=sorted({n for n in numbers if n}))
 
 
-async def lock_packages(conn: AsyncConnection, numbers: Iterable[str]) -> None:
+async def lock_packages(db: asyncpg.Connection, numbers: Iterable[str]) -> None:
     """The packages' filing locks, exclusively, until the transaction ends (`share_packages`)."""
-    await conn.execute(_LOCK_PACKAGES, {"numbers": sorted(set(numbers))})
+    await _LOCK_PACKAGES.fetch(db, numbers=sorted(set(numbers)))
 
 
 # A package's lock is one of PACKAGE_LOCKS advisory locks, chosen by its tracking number (a
@@ -141,10 +147,12 @@ _PACKAGE_KEYS = f"""
     FROM unnest(CAST(:numbers AS text[])) AS n
     ORDER BY k
 """
-_SHARE_PACKAGES = sa.text(
+_SHARE_PACKAGES = Statement.of(
     f"SELECT count(pg_advisory_xact_lock_shared(k)) FROM ({_PACKAGE_KEYS}) AS keys"
 )
-_LOCK_PACKAGES = sa.text(f"SELECT count(pg_advisory_xact_lock(k)) FROM ({_PACKAGE_KEYS}) AS keys")
+_LOCK_PACKAGES = Statement.of(
+    f"SELECT count(pg_advisory_xact_lock(k)) FROM ({_PACKAGE_KEYS}) AS keys"
+)
 
 
 def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:
@@ -154,13 +162,12 @@ def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:
 
 
 async def file_stored(
-    conn: AsyncConnection, deliveries: Sequence[Stored], rearm: RearmPolicy
+    db: asyncpg.Connection, deliveries: Sequence[Stored], rearm: RearmPolicy
 ) -> list[FiledDelivery]:
     """File stored deliveries against the live subscriptions of their packages (or keep them
     orphans), in the order given; one result per delivery, in that order."""
     if not deliveries:
         return []  # a new subscription without orphans: no connection work at all
-    db = await driver_connection(conn)
     live = await _lock_live(db, {d.update.tracking_number for d in deliveries})
     filed, _ = await _file(db, deliveries, rearm, (), live)
     return list(filed)
@@ -467,13 +474,12 @@ async def count_unstored_refusals(
 
 
 async def adopt_orphans(
-    conn: AsyncConnection, packages: Sequence[tuple[str, str]], rearm: RearmPolicy
+    db: asyncpg.Connection, packages: Sequence[tuple[str, str]], rearm: RearmPolicy
 ) -> set[tuple[str, str]]:
     """File the deliveries that came before their subscriptions; returns the packages that
     had some, as (carrier_code, tracking_number). One indexed query when none had any: a fixed
     statement to asyncpg (SQLAlchemy's expanding IN was 4 % of the subscribe path's CPU)."""
     wanted = set(packages)
-    db = await driver_connection(conn)
     orphans = await _ORPHANS_OF.fetch(db, numbers=sorted({number for _, number in wanted}))
     adopted = set()
     to_file = []
@@ -486,7 +492,7 @@ async def adopt_orphans(
         if match is not None:
             to_file.append(Stored(orphan["id"], _reparse(orphan["body"]), DeliveryOutcome.ORPHAN))
             adopted.add(match)
-    await file_stored(conn, to_file, rearm)
+    await file_stored(db, to_file, rearm)
     return adopted
 
 
@@ -543,7 +549,7 @@ async def replay(
         )
         for row in rows
     ]
-    return await file_stored(conn, stored, rearm)
+    return await file_stored(await driver_connection(conn), stored, rearm)
 
 
 async def replay_one(

@@ -11,6 +11,12 @@ commit; shared by a group, their cost all but disappears.
 A group that loses a deadlock (or a serialization conflict) is run again as it was, up to
 TRANSIENT_ATTEMPTS times in all. A group that fails for any other reason but an unreachable
 database is run again one item at a time, so an item that cannot be committed fails alone.
+
+Each writer keeps its connection between groups while work keeps coming (`_Lease`), and runs
+its transactions on asyncpg directly: `work` gets the asyncpg connection inside a transaction
+begun for it. Through SQLAlchemy, checking a connection out of the pool and back cost 150 µs
+of CPU a group and its begin and commit another 170 µs, as much as the rest of a group of 16
+deliveries' statements (measured on the 2-core bench machine).
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+import asyncpg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -39,6 +47,9 @@ MAX_QUEUED = 4096
 # Transactions in flight at once: while one waits on the database, the next group fills.
 WRITERS = 2
 TRANSIENT_ATTEMPTS = 3
+# How long a writer with nothing to do keeps its connection: under load the next group comes
+# within milliseconds; when quiet, the connection goes back to the pool for others.
+IDLE_HOLD_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +62,10 @@ class GroupCommit(Generic[In, Out]):
     def __init__(
         self,
         engine: AsyncEngine,
-        work: Callable[[AsyncConnection, Sequence[In]], Awaitable[Sequence[Out]]],
+        work: Callable[[asyncpg.Connection, Sequence[In]], Awaitable[Sequence[Out]]],
         observe_group: Callable[[int], None],
         max_queued: int = MAX_QUEUED,
     ) -> None:
-        self._engine = engine
         self._max_queued = max_queued
         self._work = work
         self._observe_group = observe_group
@@ -63,6 +73,7 @@ class GroupCommit(Generic[In, Out]):
         self._queued = asyncio.Event()
         self._closing = False
         self._writers: list[asyncio.Task[None]] = []
+        self._connections = _Connections(engine)
 
     def start(self) -> None:
         self._writers = [asyncio.create_task(self._write()) for _ in range(WRITERS)]
@@ -93,32 +104,46 @@ class GroupCommit(Generic[In, Out]):
         return await asyncio.shield(answer)
 
     async def _write(self) -> None:
-        while True:
-            await self._queued.wait()
-            group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
-            if not self._queue and not self._closing:
-                self._queued.clear()
-            if group:
-                await self._commit(group)
-            elif self._closing:
-                return
+        lease = _Lease(self._connections)
+        try:
+            while True:
+                if not self._queue and not self._closing:
+                    await self._wait_for_work(lease)
+                group = [self._queue.popleft() for _ in range(min(MAX_GROUP, len(self._queue)))]
+                if not self._queue and not self._closing:
+                    self._queued.clear()
+                if group:
+                    await self._commit(lease, group)
+                elif self._closing:
+                    return
+        finally:
+            await lease.release()
 
-    async def _commit(self, group: list[_Waiting[In, Out]], attempt: int = 1) -> None:
+    async def _wait_for_work(self, lease: _Lease) -> None:
+        try:
+            async with asyncio.timeout(IDLE_HOLD_S):
+                await self._queued.wait()
+        except TimeoutError:
+            await lease.release()
+            await self._queued.wait()
+
+    async def _commit(
+        self, lease: _Lease, group: list[_Waiting[In, Out]], attempt: int = 1
+    ) -> None:
         self._observe_group(len(group))
         try:
-            async with self._engine.begin() as conn:
-                results = await self._work(conn, [waiting.item for waiting in group])
+            results = await self._transaction(lease, [waiting.item for waiting in group])
         except Exception as error:
             if is_transient(error) and attempt < TRANSIENT_ATTEMPTS:
                 log.warning("group_commit.conflict", items=len(group), attempt=attempt)
-                await self._commit(group, attempt + 1)
+                await self._commit(lease, group, attempt + 1)
                 return
             if len(group) > 1 and not is_unavailable(error):
                 log.warning(
                     "group_commit.group_failed", items=len(group), error=type(error).__name__
                 )
                 for waiting in group:
-                    await self._commit([waiting])
+                    await self._commit(lease, [waiting])
                 return
             for waiting in group:
                 if not waiting.answer.done():
@@ -127,6 +152,97 @@ class GroupCommit(Generic[In, Out]):
         for waiting, result in zip(group, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(result)
+
+    async def _transaction(self, lease: _Lease, items: list[In]) -> Sequence[Out]:
+        db = await lease.connection()
+        try:
+            async with db.transaction():
+                return await self._work(db, items)
+        except Exception as error:
+            if is_unavailable(error):
+                self._connections.lost()
+            if is_unavailable(error) or db.is_closed() or db.is_in_transaction():
+                # Dead, or in a state not worth guessing at: replaced before the next group.
+                await lease.discard()
+            raise
+
+
+class _Connections:
+    """Where the writers' connections come from, and when one was last found dead: a restart
+    or failover ends them all, so the others', taken before, are replaced before their use."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.lost_at = -1.0
+
+    def lost(self) -> None:
+        self.lost_at = time.monotonic()
+
+
+class _Lease:
+    """A writer's connection from the engine's pool, kept between its transactions."""
+
+    def __init__(self, connections: _Connections) -> None:
+        self._connections = connections
+        self._conn: AsyncConnection | None = None
+        self._driver: asyncpg.Connection | None = None
+        self._taken_at = 0.0
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._driver is not None and self._driver.is_closed():
+            # Ended by the server (a restart, pg_terminate_backend): asyncpg saw it close.
+            self._connections.lost()
+        if self._taken_at <= self._connections.lost_at:
+            await self.discard()
+        if self._driver is None:
+            self._conn = await self._checked_out()
+            self._taken_at = time.monotonic()
+            raw = await self._conn.get_raw_connection()
+            self._driver = raw.driver_connection
+        return self._driver
+
+    async def _checked_out(self) -> AsyncConnection:
+        """A connection that answers. The check goes through SQLAlchemy: a connection that a
+        restart or failover left dead is recognised and discarded with the pool's others of
+        its age, which a failure on asyncpg alone would leave for the next caller to meet."""
+        try:
+            return await self._answering()
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            self._connections.lost()
+            return await self._answering()  # one of the new connections the pool makes now
+
+    async def _answering(self) -> AsyncConnection:
+        conn = await self._connections.engine.connect()
+        try:
+            await conn.exec_driver_sql("SELECT 1")
+            await conn.rollback()
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def release(self) -> None:
+        """Back to the pool; closed instead if a transaction was left open on it (a writer
+        cancelled mid-group), which the pool would not roll back."""
+        conn, driver = self._conn, self._driver
+        self._conn = self._driver = None
+        if conn is None or driver is None:
+            return
+        if driver.is_closed() or driver.is_in_transaction():
+            await conn.invalidate()
+        await conn.close()
+
+    async def discard(self) -> None:
+        """Closed, not pooled: the pool makes a new one in its place."""
+        conn = self._conn
+        self._conn = self._driver = None
+        if conn is not None:
+            try:
+                await conn.invalidate()
+            finally:
+                await conn.close()
 
 
 def _retrieve(answer: asyncio.Future[Out]) -> None:

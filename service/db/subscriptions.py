@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.db.deliveries import adopt_orphans, lock_packages
-from service.db.driver import Statement, json_rows
+from service.db.driver import Statement, driver_connection, json_rows
 from service.db.tables import (
-    LIVE,
     LIVE_SQL,
     dispatch_attempts,
     status_changes,
@@ -70,46 +70,48 @@ class Cursor:
     id: uuid.UUID
 
 
-async def create_subscription(
-    conn: AsyncConnection, new: NewSubscription
-) -> tuple[RowMapping, bool]:
+async def create_subscription(conn: AsyncConnection, new: NewSubscription) -> Subscribed:
     """Insert the subscription with its start due now, or return the live one for its package.
 
     Returns (row, created).
     """
-    ((row, created),) = await create_subscriptions(conn, [new])
+    ((row, created),) = await create_subscriptions(await driver_connection(conn), [new])
     return row, created
 
 
-Subscribed = tuple[RowMapping, bool]  # the subscription, and whether this call created it
+# A subscription's public columns as the driver returns them, and whether this call created it.
+Subscribed = tuple[asyncpg.Record, bool]
 
 
 async def subscribe(
-    conn: AsyncConnection, news: Sequence[NewSubscription], rearm: RearmPolicy
+    db: asyncpg.Connection, news: Sequence[NewSubscription], rearm: RearmPolicy
 ) -> list[Subscribed]:
     """`create_subscriptions`, and the deliveries that came before them filed now, in the same
-    transaction: a subscription is never seen without the history already known."""
-    made = await create_subscriptions(conn, news)
+    transaction (`db` is in one): a subscription is never seen without the history already
+    known."""
+    made = await create_subscriptions(db, news)
     fresh = [(row["carrier_code"], row["tracking_number"]) for row, new in made if new]
     if not fresh:
         return made
     # Orphans still being committed are waited for, and deliveries that wait for these
     # packages will see the new subscriptions (`share_packages` says why).
-    await lock_packages(conn, [number for _, number in fresh])
-    adopted = await adopt_orphans(conn, fresh, rearm)
+    await lock_packages(db, [number for _, number in fresh])
+    adopted = await adopt_orphans(db, fresh, rearm)
     if not adopted:
         return made
+    # Read again: filing the orphans changed what they show.
+    filed = {
+        (row["carrier_code"], row["tracking_number"]): row
+        for row in await _find_live_many(db, [(number, carrier) for carrier, number in adopted])
+    }
     return [
-        (await get_subscription(conn, row["id"]) or row, new)
-        if (row["carrier_code"], row["tracking_number"]) in adopted
-        else (row, new)
-        for row, new in made
+        (filed.get((row["carrier_code"], row["tracking_number"]), row), new) for row, new in made
     ]
 
 
 async def create_subscriptions(
-    conn: AsyncConnection, news: Sequence[NewSubscription]
-) -> list[tuple[RowMapping, bool]]:
+    db: asyncpg.Connection, news: Sequence[NewSubscription]
+) -> list[Subscribed]:
     """Many at once, in one INSERT: for each, its new row, or the live one of its package.
 
     The partial unique index on live packages makes this safe under concurrent requests: the
@@ -119,16 +121,16 @@ async def create_subscriptions(
     first_of: dict[tuple[str, str], NewSubscription] = {}
     for new in news:
         first_of.setdefault((new.tracking_number, new.carrier_code), new)
-    found: dict[tuple[str, str], tuple[RowMapping, bool]] = {}
+    found: dict[tuple[str, str], Subscribed] = {}
     # A live row that blocked the insert can be stopped before we read it; then insert again.
     for _ in range(3):
         wanted = [new for key, new in first_of.items() if key not in found]
         if not wanted:
             break
-        for row in await _insert_new(conn, wanted):
+        for row in await _insert_new(db, wanted):
             found[(row["tracking_number"], row["carrier_code"])] = (row, True)
         missing = [key for key in first_of if key not in found]
-        for row in await _find_live_many(conn, missing):
+        for row in await _find_live_many(db, missing):
             found[(row["tracking_number"], row["carrier_code"])] = (row, False)
     if len(found) < len(first_of):
         raise RuntimeError("subscriptions kept changing under concurrent stops")
@@ -166,7 +168,9 @@ _INSERT_NEW = Statement.of(
 )
 
 
-async def _insert_new(conn: AsyncConnection, news: Sequence[NewSubscription]) -> list[RowMapping]:
+async def _insert_new(
+    db: asyncpg.Connection, news: Sequence[NewSubscription]
+) -> list[asyncpg.Record]:
     rows = [
         {
             "carrier_code": new.carrier_code,
@@ -178,20 +182,28 @@ async def _insert_new(conn: AsyncConnection, news: Sequence[NewSubscription]) ->
         }
         for new in news
     ]
-    # The driver's rows, not SQLAlchemy's typed ones: its result processing was most of the
-    # SQLAlchemy time of a subscribe (12 % of the API's CPU under wrk).
-    return [row._mapping for row in await _INSERT_NEW.execute(conn, rows=json_rows(rows))]
+    return await _INSERT_NEW.fetch(db, rows=json_rows(rows))
+
+
+_FIND_LIVE_MANY = Statement.of(
+    f"""
+    SELECT {", ".join(column.name for column in PUBLIC_COLUMNS)}
+    FROM subscriptions
+    WHERE (tracking_number, carrier_code) IN (
+        SELECT * FROM unnest(CAST(:numbers AS text[]), CAST(:carriers AS text[])))
+      AND {LIVE_SQL}
+    """
+)
 
 
 async def _find_live_many(
-    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
-) -> list[RowMapping]:
+    db: asyncpg.Connection, keys: Sequence[tuple[str, str]]
+) -> list[asyncpg.Record]:
+    """The live subscriptions of these (tracking number, carrier code) packages."""
     if not keys:
         return []
-    query = sa.select(*PUBLIC_COLUMNS).where(
-        sa.tuple_(subscriptions.c.tracking_number, subscriptions.c.carrier_code).in_(keys), LIVE
-    )
-    return list((await conn.execute(query)).mappings())
+    numbers, carriers = zip(*keys, strict=True)
+    return await _FIND_LIVE_MANY.fetch(db, numbers=list(numbers), carriers=list(carriers))
 
 
 async def get_subscription(conn: AsyncConnection, subscription_id: uuid.UUID) -> RowMapping | None:

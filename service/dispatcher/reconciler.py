@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.db import changes, reconcile
 from service.db.deliveries import Incoming, store_and_file
 from service.db.dispatch import DEFAULT_RETRY_AFTER_S, pause
+from service.db.driver import driver_connection
 from service.domain.subscriptions import Budget, Operation, OutcomeKind
 from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
 from service.metrics import Metrics
@@ -125,7 +126,7 @@ class Reconciler:
             source="poll",
         )
         async with self._engine.begin() as conn:
-            (filed,) = await store_and_file(conn, [incoming], self._rearm)
+            (filed,) = await store_and_file(await driver_connection(conn), [incoming], self._rearm)
         log.info(
             "reconcile.polled",
             subscription_id=str(package.subscription_id),
