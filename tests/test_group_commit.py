@@ -237,3 +237,31 @@ async def test_a_connection_the_server_ended_is_replaced_before_a_group_uses_it(
         assert not answers & before
     finally:
         await group_commit.close()
+
+
+async def test_a_group_opens_its_transaction_with_its_opening_statement(
+    engine: AsyncEngine,
+) -> None:
+    async def holds_the_lock(db: asyncpg.Connection, items: Sequence[int]) -> list[bool]:
+        held = await db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
+            " AND pid = pg_backend_pid()",
+            items[0],
+        )
+        return [held == 1 for _ in items]
+
+    group_commit: GroupCommit[int, bool] = GroupCommit(
+        engine,
+        holds_the_lock,
+        lambda _: None,
+        opening=lambda items: f"SELECT pg_advisory_xact_lock({items[0]})",
+    )
+    group_commit.start()
+    try:
+        # Held while the work runs: taken in the transaction, not before it.
+        assert await group_commit.submit(4242)
+    finally:
+        await group_commit.close()
+    async with engine.connect() as conn:
+        query = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242")
+        assert await conn.scalar(query) == 0  # and released with its commit

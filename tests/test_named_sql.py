@@ -181,3 +181,20 @@ def test_a_noted_change_shows_an_event_as_filing_does_every_field_of_it() -> Non
     assert left_out is not None
     not_event = {name.strip(" '") for name in left_out[1].split(",")}
     assert {c.name for c in tracking_events.c} - not_event == set(TrackEvent._fields)
+
+
+def test_the_shared_locks_statement_holds_integers_only_whatever_the_numbers_hold() -> None:
+    numbers = ["1Z999", "x'); DROP TABLE subscriptions; --", "\\u0000$$", "1Z999", None, ""]
+    sql = deliveries.shared_locks_sql(numbers)
+    keys = re.fullmatch(
+        r"SELECT count\(pg_advisory_xact_lock_shared\(k\)\) "
+        r"FROM unnest\(ARRAY\[([0-9,]*)\]::bigint\[\]\) k",
+        sql,
+    )
+    assert keys is not None, sql
+    # The same keys subscribe's exclusive locks take, distinct and in order.
+    expected = deliveries.package_lock_keys(
+        ["1Z999", "x'); DROP TABLE subscriptions; --", "\\u0000$$"]
+    )
+    assert [int(key) for key in keys[1].split(",")] == expected == sorted(set(expected))
+    assert deliveries.shared_locks_sql([None]).endswith("ARRAY[]::bigint[]) k")

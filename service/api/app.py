@@ -40,7 +40,7 @@ from service.dashboard.keys import DashboardOptions
 from service.db import changes as change_feed
 from service.db import notify, partitions
 from service.db import subscriptions as queries
-from service.db.deliveries import FiledDelivery, Incoming, store_and_file
+from service.db.deliveries import FiledDelivery, Incoming, file_incoming, shared_locks_sql
 from service.db.engine import engine_from
 from service.db.group_commit import GroupCommit
 from service.db.subscriptions import NewSubscription, Subscribed
@@ -223,12 +223,15 @@ async def _group_commits(app: web.Application) -> AsyncIterator[None]:
     engine, rearm, sizes = app[ENGINE], app[SETTINGS].rearm_policy, app[METRICS].group_commit_size
 
     async def file(db: asyncpg.Connection, items: Sequence[Incoming]) -> list[FiledDelivery]:
-        return await store_and_file(db, items, rearm)
+        return await file_incoming(db, items, rearm)
+
+    def shared_locks(items: Sequence[Incoming]) -> str:
+        return shared_locks_sql(item.update.tracking_number for item in items)
 
     async def create(db: asyncpg.Connection, news: Sequence[NewSubscription]) -> list[Subscribed]:
         return await queries.subscribe(db, news, rearm)
 
-    deliveries = GroupCommit(engine, file, sizes.labels("webhook").observe)
+    deliveries = GroupCommit(engine, file, sizes.labels("webhook").observe, opening=shared_locks)
     subscribes = GroupCommit(engine, create, sizes.labels("subscribe").observe)
     app[DELIVERY_COMMITS], app[SUBSCRIBE_COMMITS] = deliveries, subscribes
     for group_commit in (deliveries, subscribes):

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import hashlib
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -87,14 +88,22 @@ class Stored:
 async def store_and_file(
     db: asyncpg.Connection, incoming: Sequence[Incoming], rearm: RearmPolicy
 ) -> list[FiledDelivery]:
+    """`file_incoming`, with the packages' shared locks taken first (`share_packages`). `db` is
+    in a transaction (from SQLAlchemy's connection: `driver_connection`)."""
+    await share_packages(db, [item.update.tracking_number for item in incoming])
+    return await file_incoming(db, incoming, rearm)
+
+
+async def file_incoming(
+    db: asyncpg.Connection, incoming: Sequence[Incoming], rearm: RearmPolicy
+) -> list[FiledDelivery]:
     """Keep each delivery and file what it says; a copy of stored content is kept as a duplicate.
+    The transaction holds the packages' shared locks already (`shared_locks_sql`).
 
     The unique index on content recognises a copy before any subscription row is locked, so a
     burst of retries of one delivery does not queue up on its subscription. Within the batch,
     the first of equal contents is the candidate original and the others its copies.
-    `db` is in a transaction (from SQLAlchemy's connection: `driver_connection`).
     """
-    await share_packages(db, [item.update.tracking_number for item in incoming])
     first_of: dict[bytes, int] = {}
     for index, item in enumerate(incoming):
         first_of.setdefault(item.content_sha256, index)
@@ -126,12 +135,20 @@ async def share_packages(db: asyncpg.Connection, numbers: Iterable[str | None]) 
     among deliveries, they never wait for each other. Taken in key order by both sides, they
     cannot deadlock.
     """
-    await _SHARE_PACKAGES.fetch(db, numbers=sorted({n for n in numbers if n}))
+    await db.execute(shared_locks_sql(numbers))
+
+
+def shared_locks_sql(numbers: Iterable[str | None]) -> str:
+    """`share_packages`' statement, its keys written in: no parameter, so that it can go in
+    one round trip with the BEGIN of its transaction (`GroupCommit`'s `opening`). Its text
+    holds integers only, whatever the tracking numbers hold."""
+    keys = ",".join(str(key) for key in package_lock_keys(n for n in numbers if n))
+    return f"SELECT count(pg_advisory_xact_lock_shared(k)) FROM unnest(ARRAY[{keys}]::bigint[]) k"
 
 
 async def lock_packages(db: asyncpg.Connection, numbers: Iterable[str]) -> None:
     """The packages' filing locks, exclusively, until the transaction ends (`share_packages`)."""
-    await _LOCK_PACKAGES.fetch(db, numbers=sorted(set(numbers)))
+    await _LOCK_PACKAGES.fetch(db, keys=package_lock_keys(numbers))
 
 
 # A package's lock is one of PACKAGE_LOCKS advisory locks, chosen by its tracking number (a
@@ -141,17 +158,18 @@ async def lock_packages(db: asyncpg.Connection, numbers: Iterable[str]) -> None:
 # only wait for each other a little more often.
 PACKAGE_LOCKS = 256
 _PACKAGE_LOCK_SPACE = 0x7472  # the advisory lock space of these locks, apart from any other's
-_PACKAGE_KEYS = f"""
-    SELECT DISTINCT {_PACKAGE_LOCK_SPACE}::bigint << 32
-                    | (hashtextextended(n, 0) & {PACKAGE_LOCKS - 1}) AS k
-    FROM unnest(CAST(:numbers AS text[])) AS n
-    ORDER BY k
-"""
-_SHARE_PACKAGES = Statement.of(
-    f"SELECT count(pg_advisory_xact_lock_shared(k)) FROM ({_PACKAGE_KEYS}) AS keys"
-)
+
+
+def package_lock_keys(numbers: Iterable[str]) -> list[int]:
+    """The advisory lock keys of these packages, distinct, in the order both sides take them.
+    Worked out here, not by PostgreSQL, so that the shared locks' statement needs no
+    parameter; CRC-32 spreads tracking numbers over the buckets as well as any hash."""
+    buckets = {zlib.crc32(n.encode("utf-8", "surrogatepass")) % PACKAGE_LOCKS for n in numbers}
+    return [_PACKAGE_LOCK_SPACE << 32 | bucket for bucket in sorted(buckets)]
+
+
 _LOCK_PACKAGES = Statement.of(
-    f"SELECT count(pg_advisory_xact_lock(k)) FROM ({_PACKAGE_KEYS}) AS keys"
+    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"
 )
 
 
