@@ -57,6 +57,13 @@ class TestParsing:
         body["data"]["carrier_code"] = "usps"
         assert parse_track_payload(body).carrier_code == "usps"
 
+    def test_a_number_the_data_leaves_out_is_read_from_the_resource_url(self) -> None:
+        body = track_body("9405", "stamps_com", 1)
+        body["data"]["carrier_code"] = "usps"
+        del body["data"]["tracking_number"]
+        update = parse_track_payload(body)
+        assert (update.tracking_number, update.carrier_code) == ("9405", "usps")
+
     @pytest.mark.parametrize("payload", [None, [], "x", {"data": []}, {"data": {"events": {}}}])
     def test_nonsense_parses_to_nothing_rather_than_raising(self, payload: object) -> None:
         update = parse_track_payload(payload)

@@ -164,6 +164,25 @@ async def test_a_signed_delivery_with_an_unrepresentable_time_is_stored_and_ackn
     assert await rows(engine, "SELECT outcome FROM webhook_deliveries") == [("filed",)]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[api.shipengine.com/v1/tracking?carrier_code=stamps_com&tracking_number=" + NUMBER,
+        "https://]/?carrier_code=stamps_com&tracking_number=" + NUMBER + "#?x=[",
+        "?carrier_code=stamps_com&tracking_number=" + NUMBER + "&tracking_number=%ff%00",
+    ],
+)
+async def test_a_signed_delivery_with_a_resource_url_no_parser_reads_is_filed(
+    api: Client, hooks: WebhookSender, url: str
+) -> None:
+    subscription_id = await subscribe(api)
+    body = track_body(NUMBER, "stamps_com", 1)
+    body["resource_url"] = url
+    del body["data"]["tracking_number"]  # the URL alone names the package
+    answer = await hooks.deliver(body)
+    assert (answer["outcome"], answer["subscription_id"]) == ("filed", subscription_id)
+
+
 # -- nesting --------------------------------------------------------------------------------
 
 

@@ -13,9 +13,10 @@ import hashlib
 import math
 import re
 import typing
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from service import json_exact
 
@@ -62,9 +63,8 @@ class TrackEvent(NamedTuple):
 
 # The one declaration of an event's fields is TrackEvent: the parser reads them, the table's
 # columns are made from them (`db/tables.py`), and the answer model is held to them
-# (`api/schemas.py`, tests/test_domain.py). Its text fields, by their type:
+# (`api/schemas.py`, tests/test_domain.py).
 EVENT_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrackEvent)
-_EVENT_TEXT_FIELDS = tuple(name for name, hint in EVENT_FIELD_TYPES.items() if hint == (str | None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,12 @@ def parse_track_payload(payload: object) -> TrackingUpdate:
     body = payload if isinstance(payload, dict) else {}
     data = body.get("data")
     data = data if isinstance(data, dict) else {}
-    query = _resource_query(body.get("resource_url"))
+    tracking_number = text(data.get("tracking_number"))
+    carrier_code = text(data.get("carrier_code"))
+    if tracking_number is None or carrier_code is None:  # the URL is read only if need be
+        query = _resource_query(body.get("resource_url"))
+        tracking_number = tracking_number or query.get("tracking_number")
+        carrier_code = carrier_code or query.get("carrier_code")
     raw_events = data.get("events")
     events = tuple(
         _parse_event(event)
@@ -99,8 +104,8 @@ def parse_track_payload(payload: object) -> TrackingUpdate:
     )
     return TrackingUpdate(
         resource_type=text(body.get("resource_type")),
-        tracking_number=text(data.get("tracking_number")) or query.get("tracking_number"),
-        carrier_code=text(data.get("carrier_code")) or query.get("carrier_code"),
+        tracking_number=tracking_number,
+        carrier_code=carrier_code,
         status_code=text(data.get("status_code")),
         status_description=text(data.get("status_description")),
         estimated_delivery_date=timestamp(data.get("estimated_delivery_date")),
@@ -110,20 +115,20 @@ def parse_track_payload(payload: object) -> TrackingUpdate:
 
 
 def _parse_event(raw: dict[str, Any]) -> TrackEvent:
-    texts = {name: text(raw.get(name)) for name in _EVENT_TEXT_FIELDS}
-    return TrackEvent(
-        occurred_at=timestamp(raw.get("occurred_at")),
-        latitude=number(raw.get("latitude")),
-        longitude=number(raw.get("longitude")),
-        **texts,
-    )
+    get = raw.get
+    # By position, in TrackEvent's order: a third faster than by keyword from a dict.
+    return _make_event([read(get(name)) for name, read in _EVENT_READERS])
 
 
 def _resource_query(resource_url: object) -> dict[str, str]:
+    """The first value of each of the resource URL's query parameters. The query is cut out
+    by hand, not by urlsplit, which raises on what it cannot read as a host ("http://[x"):
+    a signed delivery is never refused for its shape."""
     url = text(resource_url)
     if url is None:
         return {}
-    values = parse_qs(urlsplit(url).query)
+    query = url.partition("#")[0].partition("?")[2]
+    values = parse_qs(query)
     return {name: found[0].strip() for name, found in values.items() if found and found[0].strip()}
 
 
@@ -171,6 +176,16 @@ def timestamp(value: object) -> datetime | None:
         # we cannot read, rather than refusing the delivery, which ShipEngine signed and would
         # retry forever.
         return None
+
+
+# How each of an event's fields is read, by its type, in TrackEvent's order.
+_READERS_BY_TYPE: dict[Any, Callable[[object], Any]] = {
+    datetime | None: timestamp,
+    float | None: number,
+    str | None: text,
+}
+_EVENT_READERS = tuple((name, _READERS_BY_TYPE[hint]) for name, hint in EVENT_FIELD_TYPES.items())
+_make_event = TrackEvent._make
 
 
 # A JSON string, escapes and all; without its closing quote it runs to the end of the text.
