@@ -812,7 +812,7 @@ STAGES = {
     "parse_track_payload (": "parse_track_payload",
     "content_digest (": "content_digest",
     "GroupCommit._commit (": "a group commit, all of it",
-    "store_and_file (": "store_and_file (all SQL of a batch)",
+    "file_incoming (": "file_incoming (all SQL of a batch)",
     "_insert_originals_and_lock (": "_insert_originals_and_lock",
     "_file (": "_file (fold, then write_filings)",
     "file_update (": "file_update (the status fold)",
