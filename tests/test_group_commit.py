@@ -4,6 +4,7 @@ each answered as if it had come alone, and one that cannot be stored fails alone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -265,3 +266,20 @@ async def test_a_group_opens_its_transaction_with_its_opening_statement(
     async with engine.connect() as conn:
         query = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242")
         assert await conn.scalar(query) == 0  # and released with its commit
+
+
+async def test_work_that_swallows_a_database_error_is_not_answered_as_committed(
+    engine: AsyncEngine,
+) -> None:
+    async def swallow(db: asyncpg.Connection, items: Sequence[int]) -> list[int]:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await db.execute("SELECT 1 / 0")  # the transaction is aborted from here on
+        return list(items)
+
+    group_commit: GroupCommit[int, int] = GroupCommit(engine, swallow, lambda _: None)
+    group_commit.start()
+    try:
+        with pytest.raises(RuntimeError, match="ROLLBACK, not COMMIT"):
+            await group_commit.submit(1)
+    finally:
+        await group_commit.close()

@@ -38,6 +38,30 @@ def is_unavailable(error: BaseException) -> bool:
     return False
 
 
+def is_disconnect(error: BaseException) -> bool:
+    """True when the error means the connection is gone (a restart, a failover, a backend
+    ended): other connections to the same server are likely gone too. Not for a pool with
+    no free connection or a statement that ran out of time, where the connections are fine."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    cause: BaseException | None = error
+    while cause is not None:
+        if _is_closed_connection(cause) or (
+            isinstance(
+                cause,
+                OSError
+                | asyncpg.exceptions.PostgresConnectionError
+                | asyncpg.exceptions.AdminShutdownError
+                | asyncpg.exceptions.CrashShutdownError
+                | asyncpg.exceptions.CannotConnectNowError,
+            )
+            and not isinstance(cause, TimeoutError)  # an OSError since Python 3.11
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _is_closed_connection(error: BaseException) -> bool:
     """asyncpg's word for a statement on a connection the server ended (pg_terminate_backend,
     a restart): the test SQLAlchemy's own dialect makes of it."""

@@ -37,7 +37,7 @@ import asyncpg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db.errors import DatabaseOverloaded, is_transient, is_unavailable
+from service.db.errors import DatabaseOverloaded, is_disconnect, is_transient, is_unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -149,8 +149,14 @@ class GroupCommit(Generic[In, Out]):
                 log.warning(
                     "group_commit.group_failed", items=len(group), error=type(error).__name__
                 )
-                for waiting in group:
+                for index, waiting in enumerate(group):
                     await self._commit(lease, [waiting])
+                    if (lost := _unavailable_error(waiting.answer)) is not None:
+                        # The database went away meanwhile: the rest would each wait for it.
+                        for rest in group[index + 1 :]:
+                            if not rest.answer.done():
+                                rest.answer.set_exception(lost)
+                        return
                 return
             for waiting in group:
                 if not waiting.answer.done():
@@ -163,21 +169,25 @@ class GroupCommit(Generic[In, Out]):
     async def _transaction(self, lease: _Lease, items: list[In]) -> Sequence[Out]:
         db = await lease.connection()
         try:
-            opening = self._opening(items) if self._opening else ""
-            # One message, one round trip: a statement after BEGIN runs in its transaction.
-            await db.execute(f"BEGIN; {opening}" if opening else "BEGIN")
+            lease.settled = False
             try:
+                opening = self._opening(items) if self._opening else ""
+                # One message, one round trip: a statement after BEGIN runs in its transaction.
+                await db.execute(f"BEGIN; {opening}" if opening else "BEGIN")
                 results = await self._work(db, items)
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.is_in_transaction() and not db.is_closed():
-                    await db.execute("ROLLBACK")
+                # A transaction that failed and went on (an error caught by `work`) ends in a
+                # ROLLBACK at COMMIT, without an error: its work must not be answered as done.
+                if (status := await db.execute("COMMIT")) != "COMMIT":
+                    raise RuntimeError(f"the transaction ended in {status}, not COMMIT")
+            except BaseException as failure:
+                lease.settled = await _roll_back(db, failure)
                 raise
+            lease.settled = True
             return results
         except Exception as error:
-            if is_unavailable(error):
+            if is_disconnect(error) or db.is_closed():
                 self._connections.lost()
-            if is_unavailable(error) or db.is_closed() or db.is_in_transaction():
+            if not lease.settled or is_unavailable(error) or db.is_closed():
                 # Dead, or in a state not worth guessing at: replaced before the next group.
                 await lease.discard()
             raise
@@ -203,6 +213,10 @@ class _Lease:
         self._conn: AsyncConnection | None = None
         self._driver: asyncpg.Connection | None = None
         self._taken_at = 0.0
+        # False from a group's BEGIN until its COMMIT or ROLLBACK has been answered: a
+        # connection left so (a writer cancelled mid-group) may be inside a transaction that
+        # asyncpg does not know of yet, and is never given back to the pool.
+        self.settled = True
 
     async def connection(self) -> asyncpg.Connection:
         if self._driver is not None and self._driver.is_closed():
@@ -211,10 +225,15 @@ class _Lease:
         if self._taken_at <= self._connections.lost_at:
             await self.discard()
         if self._driver is None:
-            self._conn = await self._checked_out()
+            conn = await self._checked_out()
+            try:
+                raw = await conn.get_raw_connection()
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn, self._driver = conn, raw.driver_connection
             self._taken_at = time.monotonic()
-            raw = await self._conn.get_raw_connection()
-            self._driver = raw.driver_connection
+            self.settled = True
         return self._driver
 
     async def _checked_out(self) -> AsyncConnection:
@@ -224,29 +243,30 @@ class _Lease:
         try:
             return await self._answering()
         except Exception as error:
-            if not is_unavailable(error):
-                raise
+            if not is_disconnect(error):
+                raise  # a full pool or a slow server: another try would only wait as long
             self._connections.lost()
             return await self._answering()  # one of the new connections the pool makes now
 
     async def _answering(self) -> AsyncConnection:
         conn = await self._connections.engine.connect()
         try:
+            # Autocommit: the check is its one round trip, not BEGIN, SELECT and ROLLBACK.
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
             await conn.exec_driver_sql("SELECT 1")
-            await conn.rollback()
         except BaseException:
             await conn.close()
             raise
         return conn
 
     async def release(self) -> None:
-        """Back to the pool; closed instead if a transaction was left open on it (a writer
+        """Back to the pool; closed instead if a transaction may be open on it (a writer
         cancelled mid-group), which the pool would not roll back."""
         conn, driver = self._conn, self._driver
         self._conn = self._driver = None
         if conn is None or driver is None:
             return
-        if driver.is_closed() or driver.is_in_transaction():
+        if not self.settled or driver.is_closed() or driver.is_in_transaction():
             await conn.invalidate()
         await conn.close()
 
@@ -259,6 +279,27 @@ class _Lease:
                 await conn.invalidate()
             finally:
                 await conn.close()
+
+
+async def _roll_back(db: asyncpg.Connection, failure: BaseException) -> bool:
+    """Whether the transaction was rolled back after `failure`. Not tried after a statement
+    that ran out of time or a cancelled writer: a ROLLBACK would first wait for the cancel of
+    a statement, on a server that may not answer; the connection is discarded instead, as
+    after a ROLLBACK that fails (`failure` stays the error reported)."""
+    if db.is_closed() or isinstance(failure, TimeoutError | asyncio.CancelledError):
+        return False
+    try:
+        await db.execute("ROLLBACK")
+    except Exception:
+        return False
+    return True
+
+
+def _unavailable_error(answer: asyncio.Future[Out]) -> BaseException | None:
+    if not answer.done() or answer.cancelled():
+        return None
+    error = answer.exception()
+    return error if error is not None and is_unavailable(error) else None
 
 
 def _retrieve(answer: asyncio.Future[Out]) -> None:
