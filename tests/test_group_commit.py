@@ -283,3 +283,24 @@ async def test_work_that_swallows_a_database_error_is_not_answered_as_committed(
             await group_commit.submit(1)
     finally:
         await group_commit.close()
+
+
+async def test_items_split_after_a_failed_group_stop_waiting_once_the_database_is_gone(
+    engine: AsyncEngine,
+) -> None:
+    calls: list[list[str]] = []
+
+    async def fails(_: asyncpg.Connection, items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        if len(items) > 1:
+            raise ValueError("one of them cannot be stored")  # the group is split
+        raise ConnectionResetError("the database went away meanwhile")
+
+    group_commit: GroupCommit[str, str] = GroupCommit(engine, fails, lambda _: None)
+    tasks = await queued(group_commit, ["a", "b", "c"])
+    group_commit.start()
+    answers = await asyncio.gather(*tasks, return_exceptions=True)
+    await group_commit.close()
+
+    assert calls == [["a", "b", "c"], ["a"]]  # b and c did not each wait for the database
+    assert all(isinstance(answer, ConnectionResetError) for answer in answers)
