@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -64,6 +64,16 @@ async def queued(group_commit: GroupCommit[T, Any], items: list[T]) -> list[asyn
     await asyncio.sleep(0)  # one turn of the loop: each task queues in its first step
     assert group_commit.waiting == len(tasks)
     return tasks
+
+
+@contextlib.asynccontextmanager
+async def running(group_commit: GroupCommit[Any, Any]) -> AsyncIterator[None]:
+    """The group commit started, and closed (what is queued committed) at the end."""
+    group_commit.start()
+    try:
+        yield
+    finally:
+        await group_commit.close()
 
 
 async def outcomes(engine: AsyncEngine) -> list[tuple[str, str]]:
@@ -197,8 +207,7 @@ async def test_a_writer_keeps_its_connection_while_work_comes_and_gives_it_back_
     engine: AsyncEngine,
 ) -> None:
     group_commit: GroupCommit[int, int] = GroupCommit(engine, backend_of, lambda _: None)
-    group_commit.start()
-    try:
+    async with running(group_commit):
         # One item at a time, each submitted as soon as the one before is answered.
         pids = {await group_commit.submit(n) for n in range(20)}
         assert len(pids) <= WRITERS  # no check-out per group: each writer kept its connection
@@ -208,16 +217,13 @@ async def test_a_writer_keeps_its_connection_while_work_comes_and_gives_it_back_
             return True if engine.pool.checkedout() == 0 else None  # type: ignore[attr-defined]
 
         await eventually(all_back, timeout_s=5)
-    finally:
-        await group_commit.close()
 
 
 async def test_a_connection_the_server_ended_is_replaced_before_a_group_uses_it(
     engine: AsyncEngine,
 ) -> None:
     group_commit: GroupCommit[int, int] = GroupCommit(engine, backend_of, lambda _: None)
-    group_commit.start()
-    try:
+    async with running(group_commit):
         before = {await group_commit.submit(n) for n in range(4)}
         pids = {"pids": sorted(before)}
         async with engine.connect() as conn:
@@ -236,8 +242,6 @@ async def test_a_connection_the_server_ended_is_replaced_before_a_group_uses_it(
         await eventually(gone)
         answers = {await group_commit.submit(n) for n in range(4)}  # none fails
         assert not answers & before
-    finally:
-        await group_commit.close()
 
 
 async def test_a_group_opens_its_transaction_with_its_opening_statement(
@@ -257,12 +261,9 @@ async def test_a_group_opens_its_transaction_with_its_opening_statement(
         lambda _: None,
         opening=lambda items: f"SELECT pg_advisory_xact_lock({items[0]})",
     )
-    group_commit.start()
-    try:
+    async with running(group_commit):
         # Held while the work runs: taken in the transaction, not before it.
         assert await group_commit.submit(4242)
-    finally:
-        await group_commit.close()
     async with engine.connect() as conn:
         query = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242")
         assert await conn.scalar(query) == 0  # and released with its commit
@@ -277,12 +278,9 @@ async def test_work_that_swallows_a_database_error_is_not_answered_as_committed(
         return list(items)
 
     group_commit: GroupCommit[int, int] = GroupCommit(engine, swallow, lambda _: None)
-    group_commit.start()
-    try:
+    async with running(group_commit):
         with pytest.raises(RuntimeError, match="ROLLBACK, not COMMIT"):
             await group_commit.submit(1)
-    finally:
-        await group_commit.close()
 
 
 async def test_items_split_after_a_failed_group_stop_waiting_once_the_database_is_gone(

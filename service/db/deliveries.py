@@ -30,7 +30,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
 from service.db.driver import (
-    Statement,
     bytea_text,
     driver_connection,
     json_rows,
@@ -139,16 +138,21 @@ async def share_packages(db: asyncpg.Connection, numbers: Iterable[str | None]) 
 
 
 def shared_locks_sql(numbers: Iterable[str | None]) -> str:
-    """`share_packages`' statement, its keys written in: no parameter, so that it can go in
-    one round trip with the BEGIN of its transaction (`GroupCommit`'s `opening`). Its text
-    holds integers only, whatever the tracking numbers hold."""
-    keys = ",".join(str(key) for key in package_lock_keys(n for n in numbers if n))
-    return f"SELECT count(pg_advisory_xact_lock_shared(k)) FROM unnest(ARRAY[{keys}]::bigint[]) k"
+    """`share_packages`' statement: no parameter, so that it can go in one round trip with the
+    BEGIN of its transaction (`GroupCommit`'s `opening`)."""
+    return _locks_sql("pg_advisory_xact_lock_shared", numbers)
 
 
 async def lock_packages(db: asyncpg.Connection, numbers: Iterable[str]) -> None:
     """The packages' filing locks, exclusively, until the transaction ends (`share_packages`)."""
-    await _LOCK_PACKAGES.fetch(db, keys=package_lock_keys(numbers))
+    await db.execute(_locks_sql("pg_advisory_xact_lock", numbers))
+
+
+def _locks_sql(lock: str, numbers: Iterable[str | None]) -> str:
+    """The packages' locks taken by `lock`, their keys written in: the text holds integers
+    only, whatever the tracking numbers hold."""
+    keys = ",".join(str(key) for key in package_lock_keys(n for n in numbers if n))
+    return f"SELECT count({lock}(k)) FROM unnest(ARRAY[{keys}]::bigint[]) k"
 
 
 # A package's lock is one of PACKAGE_LOCKS advisory locks, chosen by its tracking number (a
@@ -166,11 +170,6 @@ def package_lock_keys(numbers: Iterable[str]) -> list[int]:
     parameter; CRC-32 spreads tracking numbers over the buckets as well as any hash."""
     buckets = {zlib.crc32(n.encode("utf-8", "surrogatepass")) % PACKAGE_LOCKS for n in numbers}
     return [_PACKAGE_LOCK_SPACE << 32 | bucket for bucket in sorted(buckets)]
-
-
-_LOCK_PACKAGES = Statement.of(
-    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k"
-)
 
 
 def _as_stored(row: asyncpg.Record, update: TrackingUpdate) -> Stored:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
@@ -12,30 +14,16 @@ class DatabaseOverloaded(Exception):
 
 def is_unavailable(error: BaseException) -> bool:
     """True when the error means the database is down, unreachable or overloaded, not a bad
-    query."""
+    query: a lost connection (`is_disconnect`), or a database too busy to answer in time."""
     if isinstance(error, DatabaseOverloaded):
-        return True
-    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
     if isinstance(error, sa_exc.TimeoutError):
         return True  # no connection free in the pool within DATABASE_POOL_TIMEOUT_S
-    cause: BaseException | None = error
-    while cause is not None:
-        if _is_closed_connection(cause) or isinstance(
-            cause,
-            # OSError covers refused and reset connections, DNS failures and timeouts; then
-            # the whole connection class (08), the server shutting down, crashed or starting
-            # up (57P01-57P03), and too many connections.
-            OSError
-            | asyncpg.exceptions.PostgresConnectionError
-            | asyncpg.exceptions.AdminShutdownError
-            | asyncpg.exceptions.CrashShutdownError
-            | asyncpg.exceptions.CannotConnectNowError
-            | asyncpg.exceptions.TooManyConnectionsError,
-        ):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return is_disconnect(error) or _caused_by(
+        # A statement or a connection attempt out of time, too many connections.
+        error,
+        lambda cause: isinstance(cause, TimeoutError | asyncpg.exceptions.TooManyConnectionsError),
+    )
 
 
 def is_disconnect(error: BaseException) -> bool:
@@ -44,19 +32,31 @@ def is_disconnect(error: BaseException) -> bool:
     no free connection or a statement that ran out of time, where the connections are fine."""
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True
+    return _caused_by(error, _is_lost_connection)
+
+
+def _is_lost_connection(error: BaseException) -> bool:
+    # OSError covers refused and reset connections and DNS failures (TimeoutError, an OSError
+    # since Python 3.11, is a slow server, not a lost one); then the whole connection class
+    # (08) and the server shutting down, crashed or starting up (57P01-57P03).
+    return _is_closed_connection(error) or (
+        isinstance(
+            error,
+            OSError
+            | asyncpg.exceptions.PostgresConnectionError
+            | asyncpg.exceptions.AdminShutdownError
+            | asyncpg.exceptions.CrashShutdownError
+            | asyncpg.exceptions.CannotConnectNowError,
+        )
+        and not isinstance(error, TimeoutError)
+    )
+
+
+def _caused_by(error: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `error` or any error that caused it (a driver's, under SQLAlchemy's) passes."""
     cause: BaseException | None = error
     while cause is not None:
-        if _is_closed_connection(cause) or (
-            isinstance(
-                cause,
-                OSError
-                | asyncpg.exceptions.PostgresConnectionError
-                | asyncpg.exceptions.AdminShutdownError
-                | asyncpg.exceptions.CrashShutdownError
-                | asyncpg.exceptions.CannotConnectNowError,
-            )
-            and not isinstance(cause, TimeoutError)  # an OSError since Python 3.11
-        ):
+        if test(cause):
             return True
         cause = cause.__cause__ or cause.__context__
     return False
@@ -75,9 +75,4 @@ _TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 
 def is_transient(error: BaseException) -> bool:
     """True when the transaction lost a deadlock or a serialization conflict: run it again."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if getattr(cause, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return _caused_by(error, lambda cause: getattr(cause, "sqlstate", None) in _TRANSIENT_SQLSTATES)

@@ -149,22 +149,22 @@ class GroupCommit(Generic[In, Out]):
                 log.warning(
                     "group_commit.group_failed", items=len(group), error=type(error).__name__
                 )
-                for index, waiting in enumerate(group):
-                    await self._commit(lease, [waiting])
-                    if (lost := _unavailable_error(waiting.answer)) is not None:
-                        # The database went away meanwhile: the rest would each wait for it.
-                        for rest in group[index + 1 :]:
-                            if not rest.answer.done():
-                                rest.answer.set_exception(lost)
-                        return
+                await self._commit_each(lease, group)
                 return
-            for waiting in group:
-                if not waiting.answer.done():
-                    waiting.answer.set_exception(error)
+            _fail(group, error)
             return
         for waiting, result in zip(group, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(result)
+
+    async def _commit_each(self, lease: _Lease, group: list[_Waiting[In, Out]]) -> None:
+        """One item at a time, so that one that cannot be committed fails alone; once the
+        database is gone, the rest fail with it rather than each waiting for it."""
+        for index, waiting in enumerate(group):
+            await self._commit(lease, [waiting])
+            if (lost := _unavailable_error(waiting.answer)) is not None:
+                _fail(group[index + 1 :], lost)
+                return
 
     async def _transaction(self, lease: _Lease, items: list[In]) -> Sequence[Out]:
         db = await lease.connection()
@@ -263,12 +263,13 @@ class _Lease:
         """Back to the pool; closed instead if a transaction may be open on it (a writer
         cancelled mid-group), which the pool would not roll back."""
         conn, driver = self._conn, self._driver
-        self._conn = self._driver = None
         if conn is None or driver is None:
             return
         if not self.settled or driver.is_closed() or driver.is_in_transaction():
-            await conn.invalidate()
-        await conn.close()
+            await self.discard()
+        else:
+            self._conn = self._driver = None
+            await conn.close()
 
     async def discard(self) -> None:
         """Closed, not pooled: the pool makes a new one in its place."""
@@ -293,6 +294,12 @@ async def _roll_back(db: asyncpg.Connection, failure: BaseException) -> bool:
     except Exception:
         return False
     return True
+
+
+def _fail(group: list[_Waiting[In, Out]], error: BaseException) -> None:
+    for waiting in group:
+        if not waiting.answer.done():
+            waiting.answer.set_exception(error)
 
 
 def _unavailable_error(answer: asyncio.Future[Out]) -> BaseException | None:
