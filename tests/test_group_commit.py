@@ -107,6 +107,21 @@ async def test_deliveries_queued_together_share_one_commit_and_are_answered_each
     ]
 
 
+async def test_a_caller_that_hangs_up_has_its_delivery_committed_all_the_same(
+    engine: AsyncEngine,
+) -> None:
+    await subscribe(engine, "1ZA", "1ZB")
+    batcher = Deliveries(engine)
+    hung_up, waiting = await queued(batcher, [incoming("1ZA", 1), incoming("1ZB", 1)])
+    hung_up.cancel()
+    async with running(batcher):
+        answer = await waiting
+
+    assert hung_up.cancelled()
+    assert answer.outcome == "filed"
+    assert await outcomes(engine) == [("1ZA", "filed"), ("1ZB", "filed")]
+
+
 async def test_a_delivery_that_cannot_be_stored_fails_alone(engine: AsyncEngine) -> None:
     await subscribe(engine, "1ZA", "1ZB")
     batcher = Deliveries(engine)
