@@ -4,7 +4,8 @@ Suites: dispatch, wrk (the webhook receiver, POST /v1/subscriptions and /batch u
 to baselines of one asyncpg INSERT a request, with and without the signature check), queries
 (lists, events and the ops summary at 1,000,000 subscriptions), changes (the change feed:
 pages, the SSE stream's lag, the outbox's cost, idle readers) and notify (notifications: to 1
-and 100 endpoints against a bare client, lag, a dead consumer).
+and 100 endpoints against a bare client, lag, a dead consumer), floor (the receiver's work
+beyond (v) alone, without HTTP: reading a delivery, filing it, against one INSERT).
 Starts what it needs (PostgreSQL, simulator, API, dispatchers), runs the suites' scenarios,
 prints a row per scenario and a table of targets, writes JSON under bench/results/, and stops
 everything it started, also on failure, Ctrl-C, SIGTERM or when `--timeout-s` runs out.
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 
-from bench import changes, dispatch, notify, queries, wrkload
+from bench import changes, dispatch, floor, notify, queries, wrkload
 from bench.infra import BenchError, machine, postgres_facts, postgres_server
 from bench.report import RESULTS_DIR, Report
 from bench.suite import Bench
@@ -36,6 +37,7 @@ SUITES: dict[str, ModuleType] = {
     "changes": changes,
     "notify": notify,
     "wrk": wrkload,
+    "floor": floor,
 }
 
 
