@@ -317,3 +317,24 @@ async def test_items_split_after_a_failed_group_stop_waiting_once_the_database_i
 
     assert calls == [["a", "b", "c"], ["a"]]  # b and c did not each wait for the database
     assert all(isinstance(answer, ConnectionResetError) for answer in answers)
+
+
+async def test_the_rest_of_a_split_group_stops_waiting_even_when_the_first_caller_hung_up(
+    engine: AsyncEngine,
+) -> None:
+    calls: list[list[str]] = []
+
+    async def fails(_: asyncpg.Connection, items: Sequence[str]) -> list[str]:
+        calls.append(list(items))
+        if len(items) > 1:
+            raise ValueError("one of them cannot be stored")
+        raise ConnectionResetError("the database went away meanwhile")
+
+    group_commit: GroupCommit[str, str] = GroupCommit(engine, fails, lambda _: None)
+    hung_up, *waiting = await queued(group_commit, ["a", "b", "c"])
+    hung_up.cancel()  # its answer is cancelled: it can hold no error
+    async with running(group_commit):
+        answers = await asyncio.gather(*waiting, return_exceptions=True)
+
+    assert calls == [["a", "b", "c"], ["a"]]
+    assert all(isinstance(answer, ConnectionResetError) for answer in answers)

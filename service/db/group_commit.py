@@ -138,34 +138,37 @@ class GroupCommit(Generic[In, Out]):
 
     async def _commit(
         self, lease: _Lease, group: list[_Waiting[In, Out]], attempt: int = 1
-    ) -> None:
+    ) -> BaseException | None:
+        """Commit the group and answer each item; the error that failed it, if it failed
+        whole. Returned, not read back from the answers: a caller that hung up cancelled its
+        answer, which then holds no error."""
         self._observe_group(len(group))
         try:
             results = await self._transaction(lease, [waiting.item for waiting in group])
         except Exception as error:
             if is_transient(error) and attempt < TRANSIENT_ATTEMPTS:
                 log.warning("group_commit.conflict", items=len(group), attempt=attempt)
-                await self._commit(lease, group, attempt + 1)
-                return
+                return await self._commit(lease, group, attempt + 1)
             if len(group) > 1 and not is_unavailable(error):
                 log.warning(
                     "group_commit.group_failed", items=len(group), error=type(error).__name__
                 )
                 await self._commit_each(lease, group)
-                return
+                return None
             _fail(group, error)
-            return
+            return error
         for waiting, result in zip(group, results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(result)
+        return None
 
     async def _commit_each(self, lease: _Lease, group: list[_Waiting[In, Out]]) -> None:
         """One item at a time, so that one that cannot be committed fails alone; once the
         database is gone, the rest fail with it rather than each waiting for it."""
         for index, waiting in enumerate(group):
-            await self._commit(lease, [waiting])
-            if (lost := _unavailable_error(waiting.answer)) is not None:
-                _fail(group[index + 1 :], lost)
+            error = await self._commit(lease, [waiting])
+            if error is not None and is_unavailable(error):
+                _fail(group[index + 1 :], error)
                 return
 
     async def _transaction(self, lease: _Lease, items: list[In]) -> Sequence[Out]:
@@ -302,13 +305,6 @@ def _fail(group: list[_Waiting[In, Out]], error: BaseException) -> None:
     for waiting in group:
         if not waiting.answer.done():
             waiting.answer.set_exception(error)
-
-
-def _unavailable_error(answer: asyncio.Future[Out]) -> BaseException | None:
-    if not answer.done() or answer.cancelled():
-        return None
-    error = answer.exception()
-    return error if error is not None and is_unavailable(error) else None
 
 
 def _retrieve(answer: asyncio.Future[Out]) -> None:
