@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -298,18 +298,26 @@ async def test_work_that_swallows_a_database_error_is_not_answered_as_committed(
             await group_commit.submit(1)
 
 
-async def test_items_split_after_a_failed_group_stop_waiting_once_the_database_is_gone(
-    engine: AsyncEngine,
-) -> None:
-    calls: list[list[str]] = []
+def split_then_gone(calls: list[list[str]]) -> Callable[..., Awaitable[list[str]]]:
+    """Work that fails a group of several (so that it is split), then finds the database gone
+    on the first item alone; each call's items go to `calls`."""
 
     async def fails(_: asyncpg.Connection, items: Sequence[str]) -> list[str]:
         calls.append(list(items))
         if len(items) > 1:
-            raise ValueError("one of them cannot be stored")  # the group is split
+            raise ValueError("one of them cannot be stored")
         raise ConnectionResetError("the database went away meanwhile")
 
-    group_commit: GroupCommit[str, str] = GroupCommit(engine, fails, lambda _: None)
+    return fails
+
+
+async def test_items_split_after_a_failed_group_stop_waiting_once_the_database_is_gone(
+    engine: AsyncEngine,
+) -> None:
+    calls: list[list[str]] = []
+    group_commit: GroupCommit[str, str] = GroupCommit(
+        engine, split_then_gone(calls), lambda _: None
+    )
     tasks = await queued(group_commit, ["a", "b", "c"])
     group_commit.start()
     answers = await asyncio.gather(*tasks, return_exceptions=True)
@@ -323,14 +331,9 @@ async def test_the_rest_of_a_split_group_stops_waiting_even_when_the_first_calle
     engine: AsyncEngine,
 ) -> None:
     calls: list[list[str]] = []
-
-    async def fails(_: asyncpg.Connection, items: Sequence[str]) -> list[str]:
-        calls.append(list(items))
-        if len(items) > 1:
-            raise ValueError("one of them cannot be stored")
-        raise ConnectionResetError("the database went away meanwhile")
-
-    group_commit: GroupCommit[str, str] = GroupCommit(engine, fails, lambda _: None)
+    group_commit: GroupCommit[str, str] = GroupCommit(
+        engine, split_then_gone(calls), lambda _: None
+    )
     hung_up, *waiting = await queued(group_commit, ["a", "b", "c"])
     hung_up.cancel()  # its answer is cancelled: it can hold no error
     async with running(group_commit):
