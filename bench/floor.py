@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from bench.infra import cpu_cores, cpu_snapshot
-from bench.loadgen import track_body, tracking_number
+from bench.loadgen import realistic_steps, track_body, tracking_number
 from bench.report import Report, number
 from bench.suite import Bench
 from service import json_exact
@@ -43,9 +43,7 @@ from service.db.engine import asyncpg_dsn
 from service.db.subscriptions import NewSubscription, subscribe
 from service.domain.tracking import (
     RearmPolicy,
-    content_digest,
     json_depth_exceeds,
-    parse_track_payload,
 )
 from service.webhooks.receiver import MAX_JSON_DEPTH
 
@@ -91,30 +89,17 @@ def _realistic_bodies(count: int) -> list[bytes]:
     """Each a package's next step, a round over every package at a time (bench/loadgen.py's
     realistic load, without its repeats)."""
     rng = random.Random(1)  # noqa: S311 - a reproducible load, not secrets
-    step = [0] * PACKAGES
-    bodies: list[bytes] = []
-    while len(bodies) < count:
-        order = list(range(PACKAGES))
-        rng.shuffle(order)
-        for package in order[: count - len(bodies)]:
-            step[package] += 1
-            bodies.append(track_body(tracking_number(PREFIX, package), step[package]))
-    return bodies
+    return [
+        track_body(tracking_number(PREFIX, package), step)
+        for package, step in realistic_steps(PACKAGES, count, rng)
+    ]
 
 
 def _incoming(body: bytes) -> Incoming:
     """What the receiver hands the group commit for a verified body (`receive_track`)."""
     if json_depth_exceeds(body, MAX_JSON_DEPTH):
         raise ValueError("too deep")
-    payload = json_exact.loads(body)
-    update = parse_track_payload(payload)
-    return Incoming(
-        headers=HEADERS,
-        body=body,
-        update=update,
-        content_sha256=content_digest(payload, update),
-        verification="verified",
-    )
+    return Incoming.read(json_exact.loads(body), body, headers=HEADERS, verification="verified")
 
 
 def _read(report: Report, bodies: Sequence[bytes]) -> None:

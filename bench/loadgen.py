@@ -30,6 +30,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,20 @@ def _signed(keys: SigningKeys, body: bytes) -> Request:
     return Request(WEBHOOK_PATH, body, headers)
 
 
+def realistic_steps(packages: int, count: int, rng: random.Random) -> Iterator[tuple[int, int]]:
+    """`count` (package, step) pairs: a round over every package, shuffled, then the next
+    step of each, and so on."""
+    step = [0] * packages
+    made = 0
+    while made < count:
+        round_ = list(range(packages))
+        rng.shuffle(round_)
+        for package in round_[: count - made]:
+            step[package] += 1
+            yield package, step[package]
+        made += min(packages, count - made)
+
+
 def realistic(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     """`deliveries` requests over `packages` packages, each a new state of its package (a
     round over every package, shuffled, then the next step), `repeat_share` of them exact
@@ -131,14 +146,9 @@ def realistic(keys: SigningKeys, spec: dict[str, Any]) -> Load:
     began = time.monotonic()
     originals: list[Request] = []
     step_of: dict[int, int] = collections.defaultdict(int)
-    order: list[int] = []
-    while len(order) < unique:
-        round_ = list(range(packages))
-        rng.shuffle(round_)
-        order.extend(round_[: unique - len(order)])
-    for package in order:
-        step_of[package] += 1
-        body = track_body(tracking_number(spec["prefix"], package), step_of[package])
+    for package, step in realistic_steps(packages, unique, rng):
+        step_of[package] = step
+        body = track_body(tracking_number(spec["prefix"], package), step)
         originals.append(_signed(keys, body))
     keyed = [(float(i), d) for i, d in enumerate(originals)]
     for original in rng.sample(range(unique), repeats):

@@ -31,7 +31,7 @@ from service.db.driver import driver_connection
 from service.db.engine import asyncpg_dsn, create_engine
 from service.db.errors import is_unavailable
 from service.dispatcher.worker import Dispatcher
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from service.settings import Settings
 from tests.conftest import RunningSimulator, bearer
 from tests.payloads import track_body
@@ -166,14 +166,8 @@ async def test_an_exhausted_pool_is_a_503_after_the_pool_timeout(
 
 def incoming(number: str) -> Incoming:
     payload = track_body(number, "stamps_com", 1)
-    update = parse_track_payload(payload)
-    return Incoming(
-        headers={},
-        body=json_bytes(payload),
-        update=update,
-        content_sha256=content_digest(payload, update),
-        verification="not_applicable",
-        source="poll",
+    return Incoming.read(
+        payload, json_bytes(payload), headers={}, verification="not_applicable", source="poll"
     )
 
 

@@ -21,7 +21,7 @@ from service.db.subscriptions import (
     list_events,
     list_status_changes,
 )
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from tests.payloads import HISTORY, event, track_body
 
 REARM = RearmPolicy(max_rearms=0, delay_s=60)
@@ -73,14 +73,7 @@ async def file_all(
 
 def incoming(number: str, step: int) -> Incoming:
     payload = delivery(number, step)
-    update = parse_track_payload(payload)
-    return Incoming(
-        headers={},
-        body=json.dumps(payload).encode(),
-        update=update,
-        content_sha256=content_digest(payload, update),
-        verification="verified",
-    )
+    return Incoming.read(payload, json.dumps(payload).encode(), headers={}, verification="verified")
 
 
 # Every step at least once, some repeated, in any order.

@@ -28,7 +28,7 @@ from service.db.deliveries import FiledDelivery, Incoming, store_and_file
 from service.db.driver import driver_connection
 from service.db.subscriptions import NewSubscription, request_stop, subscribe
 from service.domain.subscriptions import Budget, CallOutcome, Operation, OutcomeKind, RetryPolicy
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from tests.payloads import track_body
 from tests.waiting import eventually
 
@@ -43,14 +43,7 @@ WAIT_S = 10  # bound of every wait on the other transaction
 def incoming(carrier_code: str | None, steps: int) -> Incoming:
     """A verified delivery of NUMBER after `steps` events."""
     payload = track_body(NUMBER, carrier_code, steps)
-    update = parse_track_payload(payload)
-    return Incoming(
-        headers={},
-        body=json.dumps(payload).encode(),
-        update=update,
-        content_sha256=content_digest(payload, update),
-        verification="verified",
-    )
+    return Incoming.read(payload, json.dumps(payload).encode(), headers={}, verification="verified")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from service.db.deliveries import FiledDelivery, Incoming, store_and_file
 from service.db.errors import DatabaseOverloaded, is_unavailable
 from service.db.group_commit import WRITERS, GroupCommit
 from service.db.subscriptions import NewSubscription, Subscribed, create_subscription
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from tests.payloads import track_body
 from tests.waiting import eventually
 
@@ -30,12 +30,10 @@ T = TypeVar("T")
 
 def incoming(number: str, step: int) -> Incoming:
     payload = track_body(number, "ups", step)
-    update = parse_track_payload(payload)
-    return Incoming(
+    return Incoming.read(
+        payload,
+        json.dumps(payload).encode(),
         headers={"x-shipengine-timestamp": "1"},
-        body=json.dumps(payload).encode(),
-        update=update,
-        content_sha256=content_digest(payload, update),
         verification="verified",
     )
 

@@ -23,7 +23,7 @@ from service.db.deliveries import Incoming, store_and_file
 from service.db.driver import driver_connection
 from service.db.partitions import DELIVERIES, EVENTS, Maintenance
 from service.db.subscriptions import NewSubscription, create_subscription
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from service.settings import Settings
 from tests.payloads import track_body
 
@@ -76,9 +76,8 @@ async def subscribe_and_deliver(
 
 async def deliver(conn: AsyncConnection, number: str) -> None:
     payload = track_body(number, "ups", 2)
-    update = parse_track_payload(payload)
-    incoming = Incoming(
-        {}, json.dumps(payload).encode(), update, content_digest(payload, update), "verified"
+    incoming = Incoming.read(
+        payload, json.dumps(payload).encode(), headers={}, verification="verified"
     )
     await store_and_file(await driver_connection(conn), [incoming], REARM)
 

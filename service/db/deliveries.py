@@ -29,12 +29,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import json_exact
-from service.db.driver import (
-    bytea_text,
-    driver_connection,
-    json_rows,
-    named_statements,
-)
+from service.db.driver import bytea_text, driver_connection, json_rows, named_statements
 from service.db.tables import ORIGINAL, webhook_deliveries, webhook_refusal_counts
 from service.domain.changes import filing_change, may_change
 from service.domain.deliveries import DeliveryOutcome
@@ -44,6 +39,7 @@ from service.domain.tracking import (
     RearmPolicy,
     TrackEvent,
     TrackingUpdate,
+    content_digest,
     file_update,
     parse_track_payload,
 )
@@ -59,6 +55,20 @@ class Incoming:
     content_sha256: bytes
     verification: str
     source: str = "webhook"
+
+    @classmethod
+    def read(
+        cls,
+        payload: object,
+        body: bytes,
+        *,
+        headers: dict[str, str],
+        verification: str,
+        source: str = "webhook",
+    ) -> Incoming:
+        """`payload` (the JSON of `body`) parsed, and its content's digest from what was parsed."""
+        update = parse_track_payload(payload)
+        return cls(headers, body, update, content_digest(payload, update), verification, source)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from service.db.deliveries import Incoming, store_and_file
 from service.db.dispatch import DEFAULT_RETRY_AFTER_S, pause
 from service.db.driver import driver_connection
 from service.domain.subscriptions import Budget, Operation, OutcomeKind
-from service.domain.tracking import RearmPolicy, content_digest, parse_track_payload
+from service.domain.tracking import RearmPolicy
 from service.metrics import Metrics
 from service.process.waiting import wait_set
 from service.shipengine.client import ShipEngineClient
@@ -116,12 +116,10 @@ class Reconciler:
             "resource_type": "API_TRACK",
             "data": polled.information,
         }
-        update = parse_track_payload(payload)
-        incoming = Incoming(
+        incoming = Incoming.read(
+            payload,
+            json.dumps(payload).encode(),
             headers={},
-            body=json.dumps(payload).encode(),
-            update=update,
-            content_sha256=content_digest(payload, update),
             verification="not_applicable",
             source="poll",
         )

@@ -31,7 +31,7 @@ from service.api.operations import Answer, Param, operation
 from service.api.schemas import TrackWebhook, WebhookReceipt
 from service.db.deliveries import FiledDelivery, Incoming, record_refusal
 from service.domain.deliveries import DeliveryOutcome
-from service.domain.tracking import content_digest, json_depth_exceeds, parse_track_payload
+from service.domain.tracking import json_depth_exceeds
 from service.webhooks.refusals import REFUSALS, sample, stored_headers
 from service.webhooks.signatures import (
     KEY_ID_HEADER,
@@ -101,16 +101,15 @@ async def receive_track(request: web.Request) -> web.Response:
     except Refused as refused:
         await _record_refusal(request, body, refused, verification)
         raise
-    update = parse_track_payload(payload)
-    incoming = Incoming(
+    incoming = Incoming.read(
+        payload,
+        body,
         headers=stored_headers(
             request.headers.items(), request.app[SETTINGS].webhook_secret_header
         ),
-        body=body,
-        update=update,
-        content_sha256=content_digest(payload, update),
         verification=verification,
     )
+    update = incoming.update
     filed = await request.app[DELIVERY_COMMITS].submit(incoming)
     _observe(request, filed, update.status_code)
     # Routine filings are counted, not logged (at INFO a line each was a tenth of the
